@@ -1,0 +1,1 @@
+"""offramp serving: ONNX Runtime engine, bundle registry and HTTP API. Imports no torch."""

@@ -1,0 +1,159 @@
+"""The bundle manifest: the one schema the exporter writes and the server reads and verifies.
+
+A bundle is a folder:
+    manifest.json     this schema
+    tokenizer.json    a `tokenizers` tokenizer
+    embeddings.onnx   (input_ids, attention_mask, token_type_ids) -> hidden
+    layer_01.onnx ... (hidden, attention_mask) -> (hidden_out, logits of that layer's exit)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A bundle that cannot be served: missing file, bad checksum, bad manifest."""
+
+
+class BundleFile(BaseModel):
+    path: str
+    sha256: str
+    bytes: int
+
+
+class Graphs(BaseModel):
+    embeddings: str
+    layers: list[str] = Field(min_length=1)
+
+
+class DataFileRecord(BaseModel):
+    path: str
+    sha256: str
+    rows: int
+
+
+class Provenance(BaseModel):
+    teacher: str
+    train: DataFileRecord | None = None
+    dev: DataFileRecord | None = None
+    unlabeled: DataFileRecord | None = None
+    command: str = ""
+    seed: int | None = None
+    git_commit: str | None = None
+    created: str = ""
+    recipe: dict = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    wall_time_s: float | None = None
+
+
+class LayerResult(BaseModel):
+    layer: int
+    accuracy: float
+
+
+class Verification(BaseModel):
+    """Result of comparing every layer's ONNX outputs with PyTorch at export time."""
+
+    passed: bool
+    tolerance: float
+    max_abs_logit_diff: list[float]
+    inputs: list[str]
+
+
+class CalibrationPoint(BaseModel):
+    threshold: float
+    accuracy: float
+    mean_exit_layer: float
+    ideal_speedup: float
+    measured_speedup: float | None = None
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    name: str
+    task: Literal["classification"] = "classification"
+    labels: list[str] = Field(min_length=2)
+    text_pair: bool = False
+    max_seq_length: int = Field(gt=2)
+    num_layers: int = Field(ge=1)
+    hidden_size: int
+    exit_head: str
+    teacher_head: str | None = None
+    uncertainty: Literal["normalized_entropy"] = "normalized_entropy"
+    recommended_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    tokenizer: str = "tokenizer.json"
+    graphs: Graphs
+    files: list[BundleFile]
+    quantization: str | None = None
+    provenance: Provenance
+    dev_results: list[LayerResult] = Field(default_factory=list)
+    verification: Verification | None = None
+    calibration: list[CalibrationPoint] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
+            )
+        if len(self.graphs.layers) != self.num_layers:
+            raise ValueError(
+                f"num_layers is {self.num_layers} but graphs.layers lists {len(self.graphs.layers)}"
+            )
+        listed = {f.path for f in self.files}
+        needed = {self.tokenizer, self.graphs.embeddings, *self.graphs.layers}
+        missing = sorted(needed - listed)
+        if missing:
+            raise ValueError(f"files does not list {missing}")
+        return self
+
+    def label_id(self, label: str) -> int:
+        return self.labels.index(label)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(bundle_dir: Path, relative: str) -> BundleFile:
+    path = bundle_dir / relative
+    return BundleFile(path=relative, sha256=sha256_of(path), bytes=path.stat().st_size)
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def read_manifest(bundle_dir: Path, verify_files: bool = True) -> Manifest:
+    """Parse and check a bundle's manifest; with verify_files, every file's size and sha256."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no {MANIFEST_NAME}")
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ManifestError(f"{path}: invalid manifest: {exc}") from exc
+    if verify_files:
+        for entry in manifest.files:
+            file = bundle_dir / entry.path
+            if not file.is_file():
+                raise ManifestError(f"{bundle_dir}: missing file {entry.path}")
+            if file.stat().st_size != entry.bytes or sha256_of(file) != entry.sha256:
+                raise ManifestError(f"{bundle_dir}: {entry.path} does not match its sha256")
+    return manifest

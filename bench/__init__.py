@@ -1,0 +1,1 @@
+"""Benchmarks: threshold sweeps (accuracy vs measured speed) and load generation."""

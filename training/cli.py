@@ -1,0 +1,138 @@
+"""`offramp train ...`: argument parsing and the data file -> recipe -> bundle pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from app.manifest import LayerResult, Provenance
+from app.threads import cpu_quota
+from training.config import FastBertConfig, config_from
+
+log = logging.getLogger("offramp.train")
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="local model folder or hub id of a BERT-family encoder")
+    p.add_argument("--train", required=True, type=Path, help="TSV, CSV or JSONL training file")
+    p.add_argument("--dev", required=True, type=Path, help="labelled dev file (evaluation, calibration)")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write, e.g. models/NAME")
+    p.add_argument("--unlabeled", type=Path, help="extra text for self-distillation of the exits")
+    p.add_argument("--text-columns", help="comma-separated text column(s): names, or indices for headerless files")
+    p.add_argument("--label-column")
+    p.add_argument("--label-names", help="comma-separated names to serve, in label order (e.g. negative,positive)")
+    p.add_argument("--config", type=Path, help="TOML recipe; command-line options override it")
+    p.add_argument("--checkpoint", type=Path, help="where the PyTorch checkpoint goes (default runs/NAME)")
+    p.add_argument("--calibration-tolerance", type=float, default=0.5,
+                   help="accuracy points below full depth the recommended threshold may lose")
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPU quota)")
+    p.add_argument("--from-checkpoint", type=Path,
+                   help="start from a saved early-exit checkpoint (with --epochs 0: retrain the exits only)")
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, config_cls) -> None:
+    for f in dataclasses.fields(config_cls):
+        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                       help=f"recipe option (default {f.default})")
+
+
+def recipe_values(args: argparse.Namespace, config_cls) -> dict:
+    values = tomllib.loads(args.config.read_text()) if args.config else {}
+    for f in dataclasses.fields(config_cls):
+        if getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return values
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import torch
+    import onnxruntime
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def run_fastbert(args: argparse.Namespace) -> None:
+    import torch
+
+    from training import loop
+    from training.export import export_bundle
+    from training.fastbert import train_fastbert
+    from training.task import load_task
+
+    cfg = config_from(FastBertConfig, recipe_values(args, FastBertConfig))
+    torch.set_num_threads(args.threads or cpu_quota())
+    name = args.out.name
+    checkpoint = args.checkpoint or Path("runs") / name
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    task = load_task(
+        args.teacher, args.train, args.dev, args.unlabeled,
+        args.text_columns.split(",") if args.text_columns else None, args.label_column,
+        args.label_names.split(",") if args.label_names else None,
+        cfg.max_seq_length, cfg.limit_train, checkpoint,
+    )
+    task.log_file = checkpoint / "train_log.jsonl"
+    task.log_file.write_text("")
+    start = time.perf_counter()
+    initial = None
+    if args.from_checkpoint:
+        from training.model import EarlyExitModel
+
+        initial, meta = EarlyExitModel.load(args.from_checkpoint)
+        if meta.get("labels") and meta["labels"] != task.labels:
+            raise SystemExit(f"{args.from_checkpoint}: labels {meta['labels']} differ from {task.labels}")
+    model = train_fastbert(task, cfg, initial)
+    wall = time.perf_counter() - start
+    accuracy = loop.layer_accuracy(model, task.dev)
+    for layer, acc in enumerate(accuracy, 1):
+        log.info("dev accuracy at layer %d: %.4f", layer, acc)
+    model.save(checkpoint, {"labels": task.labels, "recipe": dataclasses.asdict(cfg)})
+    provenance = Provenance(
+        teacher=task.teacher, train=task.records["train"], dev=task.records["dev"],
+        unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *sys.argv[1:]]),
+        seed=cfg.seed, git_commit=git_commit(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        recipe={"method": "fastbert", **dataclasses.asdict(cfg)}, versions=versions(),
+        wall_time_s=round(wall, 1),
+    )
+    dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
+    manifest = export_bundle(
+        model, task.tokenizer_file, args.out, name=name, labels=task.labels,
+        text_pair=task.text_pair, max_seq_length=cfg.max_seq_length, provenance=provenance,
+        dev_results=[LayerResult(layer=i, accuracy=a) for i, a in enumerate(accuracy, 1)],
+        calibration_inputs=dev_inputs, calibration_labels=task.dev.labels,
+        tolerance_points=args.calibration_tolerance,
+    )
+    log.info("wrote %s: verification max |diff| %s, recommended threshold %.2f",
+             args.out, max(manifest.verification.max_abs_logit_diff), manifest.recommended_threshold)
+    print(f"bundle written to {args.out} (checkpoint {checkpoint})")
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train and export a model bundle")
+    methods = train.add_subparsers(dest="method", required=True)
+    fastbert = methods.add_parser("fastbert", help="FastBERT: fine-tune, then self-distil an exit after every layer")
+    add_task_arguments(fastbert)
+    add_recipe_arguments(fastbert, FastBertConfig)
+    fastbert.set_defaults(func=run_fastbert)

@@ -1,0 +1,80 @@
+"""FastBERT recipe: fine-tune backbone + teacher classifier, then self-distil the exits.
+
+Stage 1 trains the backbone and the last layer's classifier with cross-entropy on labels.
+Stage 2 freezes both and trains every other exit with sum_i KL(p_teacher || p_exit_i); it needs
+no labels, so extra unlabeled text of the domain can join the training text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from training import loop
+from training.config import FastBertConfig
+from training.losses import cross_entropy, self_distillation
+from training.model import EarlyExitModel, load_backbone
+from training.task import Task
+
+log = logging.getLogger(__name__)
+
+
+def train_fastbert(task: Task, cfg: FastBertConfig, model: EarlyExitModel | None = None) -> EarlyExitModel:
+    """Both FastBERT stages on `task`; returns the trained model (in eval mode).
+
+    Given a fine-tuned `model` (from a checkpoint) and epochs = 0, only the exits are trained,
+    which is how exit-head shapes are compared on one frozen backbone."""
+    loop.seed_everything(cfg.seed)
+    if model is None:
+        model = EarlyExitModel(load_backbone(task.teacher), len(task.labels), cfg.exit_head,
+                               cfg.head_width, cfg.dropout)
+    elif model.exit_head != cfg.exit_head:
+        model.replace_exits(cfg.exit_head)
+    if cfg.epochs > 0:
+        fine_tune(model, task, cfg)
+    self_distil_exits(model, task, cfg)
+    return model.eval()
+
+
+def fine_tune(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
+    """Stage 1: backbone + teacher classifier, cross-entropy on labels."""
+    teacher_head = model.heads[-1]
+
+    def fine_tune_loss(batch):
+        states = model.hidden_states(*batch.inputs())
+        return cross_entropy(model.exit_logits(model.num_layers - 1, states[-1], batch.attention_mask),
+                             batch.labels)
+
+    start = time.perf_counter()
+    loop.train(
+        "stage 1: fine-tune", list(model.backbone.parameters()) + list(teacher_head.parameters()),
+        model, task.train, fine_tune_loss, cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup,
+        cfg.weight_decay, cfg.seed, task.log_file,
+    )
+    log.info("stage 1 done in %.0fs; teacher dev accuracy %.4f",
+             time.perf_counter() - start, loop.layer_accuracy(model, task.dev)[-1])
+
+
+def self_distil_exits(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
+    """Stage 2: train exits 1..L-1 towards the (frozen) teacher classifier."""
+    for p in list(model.backbone.parameters()) + list(model.heads[-1].parameters()):
+        p.requires_grad_(False)
+    exits = [p for head in model.heads[:-1] for p in head.parameters()]
+
+    def distil_loss(batch):
+        with torch.no_grad():
+            model.backbone.eval()
+            states = model.hidden_states(*batch.inputs())
+            teacher = model.heads[-1](states[-1], batch.attention_mask)
+        logits = [model.exit_logits(i, h, batch.attention_mask) for i, h in enumerate(states[:-1])]
+        return self_distillation(teacher, logits)
+
+    if exits:
+        loop.train("stage 2: self-distil exits", exits, model, task.distill_data, distil_loss,
+                   cfg.distill_epochs, cfg.distill_lr, cfg.batch_size, cfg.warmup, 0.0,
+                   cfg.seed + 1, task.log_file)
+    for p in model.parameters():
+        p.requires_grad_(True)
