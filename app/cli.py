@@ -3,16 +3,101 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+from pathlib import Path
 
 from training.cli import register as register_training
+
+
+def _settings(args: argparse.Namespace):
+    from app.settings import Settings
+
+    flags = {"host": args.host, "port": args.port, "model_dir": args.model_dir,
+             "default_model": args.default_model, "provider": args.provider,
+             "intra_op_threads": args.threads}
+    # Flags win over OFFRAMP_* variables, which win over the defaults.
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.server import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=30)
+
+
+def predict(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from app.registry import find_bundles, load_model
+
+    settings = _settings(args)
+    bundles = find_bundles(settings.model_dir)
+    if args.model:
+        bundles = [b for b in bundles if b.name == args.model]
+    if not bundles:
+        sys.exit(f"no model bundle {args.model or ''} in {settings.model_dir}")
+    model = load_model(bundles[0], settings.provider, settings.intra_op_threads)
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if model.manifest.text_pair:
+        texts = [t.split("\t", 1) for t in texts]
+    threshold = model.manifest.recommended_threshold if args.threshold is None else args.threshold
+    batch = model.encoder.encode(texts)
+    result = model.engine.run(batch, np.float32(threshold), args.min_layers,
+                              args.max_layers or model.manifest.num_layers)
+    for text, probs, layer, u in zip(texts, result.probabilities, result.exit_layer, result.uncertainty):
+        best = int(probs.argmax())
+        print(json.dumps({"text": text, "label": model.labels[best], "score": round(float(probs[best]), 4),
+                          "exit_layer": int(layer), "uncertainty": round(float(u), 4)}))
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, help="bundle folder, or a folder of bundles (OFFRAMP_MODEL_DIR)")
+    p.add_argument("--default-model", help="bundle served by default (OFFRAMP_DEFAULT_MODEL)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], help="ONNX Runtime provider (OFFRAMP_PROVIDER)")
+    p.add_argument("--threads", type=int, help="intra-op threads (OFFRAMP_INTRA_OP_THREADS; default: CPU quota)")
+    p.add_argument("--host", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="offramp", description="early-exit text classification")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the model bundles over HTTP")
+    _server_flags(p)
+    p.set_defaults(func=serve)
+    for action in p._actions:  # host and port are documented for serve
+        if action.dest == "host":
+            action.help = "address to bind (OFFRAMP_HOST, default 127.0.0.1)"
+        elif action.dest == "port":
+            action.help = "port (OFFRAMP_PORT, default 8000)"
+
+    p = sub.add_parser("predict", help="classify texts (arguments or stdin lines) without a server")
+    _server_flags(p)
+    p.add_argument("--model", help="bundle name inside --model-dir")
+    p.add_argument("--threshold", type=float, help="default: the bundle's recommended threshold")
+    p.add_argument("--min-layers", type=int, default=1)
+    p.add_argument("--max-layers", type=int)
+    p.add_argument("texts", nargs="*", help="texts (tab-separated pairs for pair models)")
+    p.set_defaults(func=predict)
+
     register_training(sub)
+    try:
+        from bench.cli import register as register_bench
+    except ImportError:
+        pass
+    else:
+        register_bench(sub)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in a bundle's provenance
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.func(args)
 

@@ -53,6 +53,7 @@ class Provenance(BaseModel):
     recipe: dict = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     wall_time_s: float | None = None
+    checkpoint: str | None = None  # where training left the PyTorch checkpoint (not part of the bundle)
 
 
 class LayerResult(BaseModel):

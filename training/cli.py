@@ -110,11 +110,11 @@ def run_fastbert(args: argparse.Namespace) -> None:
     model.save(checkpoint, {"labels": task.labels, "recipe": dataclasses.asdict(cfg)})
     provenance = Provenance(
         teacher=task.teacher, train=task.records["train"], dev=task.records["dev"],
-        unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *sys.argv[1:]]),
+        unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *getattr(args, "argv", sys.argv[1:])]),
         seed=cfg.seed, git_commit=git_commit(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         recipe={"method": "fastbert", **dataclasses.asdict(cfg)}, versions=versions(),
-        wall_time_s=round(wall, 1),
+        wall_time_s=round(wall, 1), checkpoint=str(checkpoint),
     )
     dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
     manifest = export_bundle(

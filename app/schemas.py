@@ -1,0 +1,73 @@
+"""The HTTP API's types: these pydantic models are the API (and its OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Text = Annotated[str, StringConstraints(min_length=1)]
+TextPair = Annotated[list[Text], Field(min_length=2, max_length=2)]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"inputs": ["a gripping, beautifully acted film"], "threshold": 0.3}]})
+
+    inputs: list[Union[Text, TextPair]] = Field(
+        min_length=1, description="texts, or [text, text_pair] pairs for pair models")
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="uncertainty below which a row exits: 0 = full depth, 1 = first exit; "
+                    "default: the model's recommended threshold")
+    min_layers: int | None = Field(default=None, ge=1, description="no exit before this layer")
+    max_layers: int | None = Field(default=None, ge=1, description="always exit at this layer")
+    return_probabilities: bool = False
+
+
+class Prediction(BaseModel):
+    label: str
+    label_id: int
+    score: float = Field(description="probability of the predicted label")
+    probabilities: dict[str, float] | None = None
+    exit_layer: int = Field(description="1-based layer whose exit answered")
+    uncertainty: float = Field(description="normalised entropy at the exit layer")
+    truncated: bool = Field(default=False, description="the input was cut to max_seq_length tokens")
+
+
+class Timing(BaseModel):
+    tokenize: float
+    inference: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    threshold: float
+    predictions: list[Prediction]
+    layers_executed: int = Field(description="layers run, summed over rows")
+    layers_full: int = Field(description="layers a full-depth run would take: rows x layers")
+    warnings: list[str] = Field(default_factory=list)
+    timing_ms: Timing
+
+
+class ModelInfo(BaseModel):
+    name: str
+    labels: list[str]
+    layers: int
+    text_pair: bool
+    max_seq_length: int
+    recommended_threshold: float
+    exit_head: str
+    default: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    failed: dict[str, str] = Field(default_factory=dict, description="bundles that did not load")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+    field: str | None = None

@@ -1,0 +1,374 @@
+"""`offramp bench`: one run that measures a bundle at every threshold, on one labelled file.
+
+For each threshold: accuracy, mean exit layer and its histogram, throughput (all rows through
+`Engine.run` in fixed batches, best of N wall times), single-row latency percentiles (tokenisation
+included), measured speed-up against threshold 0 from the same run, and the ideal speed-up
+(num_layers / mean exit layer). Optionally the same model at full depth under plain
+PyTorch/transformers, as a baseline for the ONNX engine itself.
+
+JSON layout (see `run_bench`):
+    {"bundle", "data", "rows", "batch_size", "threads", "num_layers", "machine": {...},
+     "results": [{"threshold", "accuracy", "mean_exit_layer",
+                  "exit_histogram": [rows leaving at layer 1, ..., at layer num_layers],
+                  "throughput_rows_per_s", "speedup_vs_full", "ideal_speedup",
+                  "latency_ms": {"p50", "p95", "p99"} or null}],
+     "baseline": {...} or null, "recommended_threshold"}
+
+This module imports without torch; only the PyTorch baseline imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from app.encoding import TextEncoder
+from app.engine import Engine
+from app.manifest import Manifest, read_manifest
+from app.threads import cpu_quota
+from bench.sweep import fine_grid, make_batches, timed_run
+from training.data import label_vocabulary, read_examples
+
+DEFAULT_THRESHOLDS = fine_grid(0.05)
+
+
+class BenchError(ValueError):
+    """The benchmark cannot run with these inputs; the message says why."""
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+def parse_thresholds(spec: str) -> list[float]:
+    """"0,0.1,0.5" -> [0.0, 0.1, 0.5]; "0,0.05,...,1" -> 0 to 1 in steps of 0.05."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    try:
+        if "..." in parts:
+            if len(parts) != 4 or parts[2] != "...":
+                raise BenchError(f"--thresholds {spec!r}: a range is written START,NEXT,...,END")
+            start, following, end = float(parts[0]), float(parts[1]), float(parts[3])
+            step = following - start
+            if step <= 0 or end < start:
+                raise BenchError(f"--thresholds {spec!r}: the range must increase")
+            count = int(round((end - start) / step))
+            values = [round(start + i * step, 6) for i in range(count + 1)]
+        else:
+            values = [float(p) for p in parts]
+    except ValueError as exc:
+        if isinstance(exc, BenchError):
+            raise
+        raise BenchError(f"--thresholds {spec!r}: not a comma-separated list of numbers") from exc
+    if not values:
+        raise BenchError("--thresholds: no thresholds given")
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise BenchError(f"--thresholds: {bad} outside [0, 1]")
+    return sorted(set(values))
+
+
+def label_ids(file_labels: Sequence[str], model_labels: Sequence[str]) -> np.ndarray:
+    """Class ids of a data file's raw labels, in the bundle's label order.
+
+    Labels found among the bundle's names map directly. Otherwise the bundle was trained with
+    renamed labels (`--label-names negative,positive` over a file holding "0"/"1"): training
+    numbered the file's labels in `label_vocabulary` order, so the same order maps them here.
+    A file holding only some of the classes can only be mapped when its labels are the integers
+    0..C-1 themselves (the ids they had in training).
+    """
+    model_labels = list(model_labels)
+    num_classes = len(model_labels)
+    distinct = set(file_labels)
+    if distinct <= set(model_labels):
+        index = {label: i for i, label in enumerate(model_labels)}
+    else:
+        vocabulary = label_vocabulary(distinct)
+        if len(vocabulary) == num_classes:
+            index = {label: i for i, label in enumerate(vocabulary)}
+        elif all(re.fullmatch(r"[0-9]+", l) and int(l) < num_classes for l in distinct):
+            index = {label: int(label) for label in distinct}
+        else:
+            raise BenchError(
+                f"cannot map the file's labels {vocabulary} to the bundle's labels {model_labels}: "
+                f"they are not among them, and the file has {len(vocabulary)} distinct labels "
+                f"for {num_classes} classes"
+            )
+    return np.array([index[label] for label in file_labels], dtype=np.int64)
+
+
+def load_data(path: Path, manifest: Manifest, text_columns: Sequence[str] | None = None,
+              label_column: str | None = None) -> tuple[list, np.ndarray]:
+    """Model inputs (texts, or (text, pair) tuples) and class ids of a labelled file."""
+    examples = read_examples(path, text_columns, label_column, require_labels=True).examples
+    paired = examples[0].text_pair is not None
+    if paired != manifest.text_pair:
+        raise BenchError(
+            f"{path}: the bundle expects {'text pairs' if manifest.text_pair else 'single texts'} "
+            f"but the file has {'two' if paired else 'one'} text column(s); pass --text-columns"
+        )
+    inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in examples]
+    return inputs, label_ids([e.label for e in examples], manifest.labels)
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, float] | None:
+    if len(seconds) == 0:
+        return None
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def measure_latency(engine: Engine, encoder: TextEncoder, inputs: Sequence, threshold: float,
+                    rows: int) -> dict[str, float] | None:
+    """p50/p95/p99 of one row at a time, tokenisation included, over the first `rows` inputs."""
+    times = []
+    for item in inputs[:rows]:
+        start = time.perf_counter()
+        engine.run(encoder.encode([item]), threshold)
+        times.append(time.perf_counter() - start)
+    return percentiles_ms(times)
+
+
+def measure_threshold(engine: Engine, encoder: TextEncoder, batches, inputs: Sequence,
+                      labels: np.ndarray, threshold: float, repeats: int = 2,
+                      latency_rows: int = 200) -> dict:
+    """One row of the report (speedup_vs_full is filled in by `sweep`)."""
+    result, seconds = timed_run(engine, batches, threshold, repeats)
+    exit_layer = result.exit_layer
+    mean_exit = float(exit_layer.mean())
+    histogram = np.bincount(exit_layer - 1, minlength=engine.num_layers)
+    return {
+        "threshold": float(threshold),
+        "accuracy": float((result.probabilities.argmax(axis=1) == labels).mean()),
+        "mean_exit_layer": mean_exit,
+        "exit_histogram": [int(n) for n in histogram],
+        "throughput_rows_per_s": len(labels) / seconds,
+        "speedup_vs_full": None,
+        "ideal_speedup": engine.num_layers / mean_exit,
+        "latency_ms": measure_latency(engine, encoder, inputs, threshold, latency_rows),
+        "_predictions": result.probabilities.argmax(axis=1),
+    }
+
+
+def warm_up(engine: Engine, encoder: TextEncoder, batches, inputs: Sequence) -> None:
+    """First runs allocate ONNX Runtime's buffers and thread pool; keep them out of the timings."""
+    engine.run(batches[0], 0.0)
+    for item in inputs[:5]:
+        engine.run(encoder.encode([item]), 0.0)
+
+
+def sweep(engine: Engine, encoder: TextEncoder, inputs: Sequence, labels: np.ndarray,
+          thresholds: Sequence[float], batch_size: int = 32, repeats: int = 2,
+          latency_rows: int = 200, progress: Callable | None = None) -> list[dict]:
+    """Report rows for threshold 0 (always) and every given threshold, sorted by threshold."""
+    if len(inputs) != len(labels) or not inputs:
+        raise BenchError("no rows to measure")
+    batches = make_batches(encoder, inputs, batch_size)
+    warm_up(engine, encoder, batches, inputs)
+    ordered = [0.0, *sorted(set(float(t) for t in thresholds) - {0.0})]
+    rows = []
+    for threshold in (progress(ordered) if progress else ordered):
+        rows.append(measure_threshold(engine, encoder, batches, inputs, labels, threshold,
+                                      repeats, latency_rows))
+    full = rows[0]["throughput_rows_per_s"]
+    for row in rows:
+        row["speedup_vs_full"] = row["throughput_rows_per_s"] / full
+    return rows
+
+
+def resolve_checkpoint(manifest: Manifest, checkpoint: Path | None) -> Path:
+    recorded = manifest.provenance.checkpoint
+    if checkpoint is None and not recorded:
+        raise BenchError("the bundle's manifest records no PyTorch checkpoint "
+                         "(provenance.checkpoint); pass --checkpoint DIR")
+    path = Path(checkpoint or recorded)
+    source = "--checkpoint" if checkpoint is not None else "the manifest's provenance.checkpoint"
+    try:
+        from training.model import CHECKPOINT_META
+    except ImportError as exc:
+        raise BenchError(f"--baseline pytorch needs torch and transformers "
+                         f"(pip install 'offramp[train]'): {exc}") from exc
+
+    if not (path / CHECKPOINT_META).is_file():
+        raise BenchError(f"PyTorch checkpoint {path} (from {source}) not found: no "
+                         f"{CHECKPOINT_META} there; pass --checkpoint DIR")
+    return path
+
+
+def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.ndarray,
+                     threads: int, repeats: int = 2) -> dict:
+    """Full-depth accuracy and throughput of the checkpoint under the standard transformers
+    forward (`backbone(...).last_hidden_state`) and the teacher classifier, on the same batches."""
+    import torch
+    import transformers
+
+    from training.model import EarlyExitModel
+
+    model, meta = EarlyExitModel.load(checkpoint)
+    if meta.get("labels") and list(meta["labels"]) != list(manifest.labels):
+        raise BenchError(f"{checkpoint}: labels {meta['labels']} differ from the bundle's "
+                         f"{manifest.labels}: not the bundle's checkpoint")
+    if model.num_layers != manifest.num_layers or model.num_labels != len(manifest.labels):
+        raise BenchError(f"{checkpoint}: {model.num_layers} layers / {model.num_labels} labels, "
+                         f"the bundle has {manifest.num_layers} / {len(manifest.labels)}")
+    tensors = [(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask),
+                torch.from_numpy(b.token_type_ids)) for b in batches]
+
+    def run_all() -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        predictions = []
+        for input_ids, attention_mask, token_type_ids in tensors:
+            hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                    token_type_ids=token_type_ids).last_hidden_state
+            predictions.append(model.heads[-1](hidden, attention_mask).argmax(-1))
+        seconds = time.perf_counter() - start
+        return torch.cat(predictions).numpy(), seconds
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            ids, mask, types = tensors[0]
+            model.backbone(input_ids=ids, attention_mask=mask, token_type_ids=types)  # warm-up
+            runs = [run_all() for _ in range(max(1, repeats))]
+    finally:
+        torch.set_num_threads(previous)
+    predictions, seconds = runs[0][0], min(s for _, s in runs)
+    return {
+        "framework": "pytorch",
+        "checkpoint": str(checkpoint),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attn_implementation": getattr(model.backbone.config, "_attn_implementation", None),
+        "threads": threads,
+        "accuracy": float((predictions == labels).mean()),
+        "throughput_rows_per_s": len(labels) / seconds,
+        "onnx_full_vs_pytorch": None,
+        "_predictions": predictions,
+    }
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    # Timings are only as good as the machine is quiet: record how busy it was at the start.
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_quota": cpu_quota(),
+            "load_average_1m_at_start": load}
+
+
+def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+              batch_size: int = 32, repeats: int = 2, latency_rows: int = 200,
+              threads: int | None = None, baseline: str | None = None,
+              checkpoint: Path | None = None, text_columns: Sequence[str] | None = None,
+              label_column: str | None = None, progress: Callable | None = None) -> dict:
+    """The whole report as a JSON-ready dict."""
+    if batch_size < 1 or repeats < 1 or latency_rows < 0:
+        raise BenchError("--batch-size and --repeats must be >= 1, --latency-rows >= 0")
+    if baseline not in (None, "pytorch"):
+        raise BenchError(f"--baseline must be 'pytorch', not {baseline!r}")
+    bundle_dir = Path(bundle_dir)
+    machine = machine_info()
+    manifest = read_manifest(bundle_dir)
+    inputs, labels = load_data(Path(data), manifest, text_columns, label_column)
+    # Fail on a missing checkpoint before minutes of measuring, not after.
+    checkpoint_dir = resolve_checkpoint(manifest, checkpoint) if baseline else None
+    engine = Engine(bundle_dir, manifest, intra_op_threads=threads or cpu_quota())
+    encoder = TextEncoder.from_file(bundle_dir / manifest.tokenizer, manifest.max_seq_length)
+    results = sweep(engine, encoder, inputs, labels, thresholds, batch_size, repeats,
+                    latency_rows, progress)
+    full = results[0]
+    base = None
+    if checkpoint_dir is not None:
+        batches = make_batches(encoder, inputs, batch_size)
+        base = pytorch_baseline(checkpoint_dir, manifest, batches, labels,
+                                engine.intra_op_threads, repeats)
+        base["onnx_full_vs_pytorch"] = full["throughput_rows_per_s"] / base["throughput_rows_per_s"]
+        base["agreement_with_onnx_full"] = float(
+            (base.pop("_predictions") == full["_predictions"]).mean())
+    for row in results:
+        row.pop("_predictions")
+    return {
+        "bundle": str(bundle_dir),
+        "data": str(data),
+        "rows": len(labels),
+        "batch_size": batch_size,
+        "threads": engine.intra_op_threads,
+        "num_layers": engine.num_layers,
+        "provider": engine.active_provider,
+        "repeats": repeats,
+        "latency_rows": min(latency_rows, len(labels)),
+        "machine": machine,
+        "results": results,
+        "baseline": base,
+        "recommended_threshold": manifest.recommended_threshold,
+    }
+
+
+# -- output -------------------------------------------------------------------------------------
+
+def format_table(report: dict) -> str:
+    header = ["threshold", "accuracy", "mean exit", "ideal speedup", "rows/s",
+              "speedup_vs_full", "p50 ms", "p95 ms", "p99 ms"]
+    recommended = report.get("recommended_threshold")
+    lines = []
+    for r in report["results"]:
+        lat = r["latency_ms"] or {}
+        mark = "*" if recommended is not None and abs(r["threshold"] - recommended) < 1e-9 else ""
+        lines.append([
+            f"{r['threshold']:.2f}{mark}", f"{r['accuracy']:.4f}", f"{r['mean_exit_layer']:.2f}",
+            f"{r['ideal_speedup']:.2f}x", f"{r['throughput_rows_per_s']:.1f}",
+            f"{r['speedup_vs_full']:.2f}x",
+            *(f"{lat[k]:.2f}" if k in lat else "-" for k in ("p50", "p95", "p99")),
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells):
+        return " | ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+    out = [
+        f"{report['bundle']} on {report['data']}: {report['rows']} rows, batch size "
+        f"{report['batch_size']}, {report['threads']} thread(s), {report['num_layers']} layers, "
+        f"{report['machine']['cpu']}",
+        fmt(header), "-+-".join("-" * w for w in widths), *(fmt(row) for row in lines),
+    ]
+    load, cores = report["machine"].get("load_average_1m_at_start"), report["machine"].get("cores")
+    if load is not None and cores and load >= 0.5 * cores:
+        out.append(f"warning: load average {load} on {cores} cores at the start: other work was "
+                   f"running, timings are pessimistic and noisy")
+    if recommended is not None:
+        out.append(f"* recommended threshold (manifest): {recommended:.2f}")
+    base = report.get("baseline")
+    if base:
+        out.append(
+            f"pytorch baseline (full depth, transformers forward, {base['attn_implementation']} "
+            f"attention, {base['threads']} thread(s)): accuracy {base['accuracy']:.4f}, "
+            f"{base['throughput_rows_per_s']:.1f} rows/s; ONNX full depth is "
+            f"{base['onnx_full_vs_pytorch']:.2f}x PyTorch "
+            f"(predictions agree on {base['agreement_with_onnx_full']:.2%} of rows)"
+        )
+    return "\n".join(out)
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -1,0 +1,59 @@
+import math
+
+import numpy as np
+import pytest
+
+from app.uncertainty import exits_at, normalized_entropy, simulate_exits, softmax
+
+
+def test_entropy_extremes_and_a_worked_value():
+    p = np.array([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]])
+    u = normalized_entropy(p[:3])
+    assert u[0] == pytest.approx(1.0)
+    assert u[1] == pytest.approx(0.0)
+    expected = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
+    assert u[2] == pytest.approx(expected, rel=1e-6)
+
+
+def test_entropy_is_normalised_by_the_number_of_classes():
+    uniform4 = np.full((1, 4), 0.25)
+    assert normalized_entropy(uniform4)[0] == pytest.approx(1.0)
+    p = np.array([[0.5, 0.5, 0.0, 0.0]])
+    assert normalized_entropy(p)[0] == pytest.approx(math.log(2) / math.log(4))
+
+
+def test_softmax_rows_sum_to_one_and_survive_large_logits():
+    p = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]], dtype=np.float32))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
+    assert p[0, 0] == pytest.approx(1.0)
+
+
+def test_exit_rule():
+    u = np.array([0.1, 0.5, 0.9, 1.0], dtype=np.float32)
+    ones = np.ones(4, dtype=np.int64)
+    six = np.full(4, 6)
+    thr = np.full(4, 0.5, dtype=np.float32)
+    assert exits_at(1, 6, u, thr, ones, six).tolist() == [True, False, False, False]
+    # threshold 0: nobody leaves before the last layer; at the last layer everyone does
+    assert not exits_at(3, 6, u, np.zeros(4, np.float32), ones, six).any()
+    assert exits_at(6, 6, u, np.zeros(4, np.float32), ones, six).all()
+    # threshold 1 means the first exit, even for U exactly 1
+    assert exits_at(1, 6, u, np.ones(4, np.float32), ones, six).all()
+    # depth bounds
+    assert not exits_at(1, 6, u, np.ones(4, np.float32), np.full(4, 2), six).any()
+    assert exits_at(2, 6, u, np.zeros(4, np.float32), ones, np.full(4, 2)).all()
+
+
+def test_simulate_exits_picks_the_first_confident_layer():
+    # 3 layers, 2 rows: row 0 confident at layer 2, row 1 never
+    probs = np.array([
+        [[0.6, 0.4], [0.5, 0.5]],
+        [[0.99, 0.01], [0.5, 0.5]],
+        [[0.7, 0.3], [0.4, 0.6]],
+    ], dtype=np.float32)
+    layer, final = simulate_exits(probs, threshold=0.2)
+    assert layer.tolist() == [2, 3]
+    np.testing.assert_allclose(final, [[0.99, 0.01], [0.4, 0.6]])
+    assert simulate_exits(probs, 0.0)[0].tolist() == [3, 3]
+    assert simulate_exits(probs, 1.0)[0].tolist() == [1, 1]
+    assert simulate_exits(probs, 1.0, min_layers=2)[0].tolist() == [2, 2]

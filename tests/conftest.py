@@ -1,0 +1,39 @@
+"""Shared fixtures: one tiny teacher and one tiny trained bundle per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import SST2, sst2_subset, tiny_teacher
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    if not SST2.is_dir():
+        pytest.skip(f"shared data not found at {SST2}")
+    return sst2_subset(tmp_path_factory.mktemp("data"), train_rows=300, dev_rows=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_data) -> Path:
+    from training.data import read_examples
+
+    texts = [e.text for e in read_examples(tiny_data[0]).examples]
+    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "bert", texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_teacher_dir, tiny_data) -> dict[str, Path]:
+    """A FastBERT bundle trained and exported through the real `offramp train` command."""
+    from app.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    bundle, checkpoint = root / "models" / "tiny", root / "ckpt"
+    main(["train", "fastbert", "--teacher", str(tiny_teacher_dir), "--train", str(tiny_data[0]),
+          "--dev", str(tiny_data[1]), "--out", str(bundle), "--checkpoint", str(checkpoint),
+          "--epochs", "2", "--distill-epochs", "2", "--lr", "1e-3", "--distill-lr", "1e-3",
+          "--batch-size", "16", "--threads", "2"])
+    return {"bundle": bundle, "models": bundle.parent, "checkpoint": checkpoint,
+            "train": tiny_data[0], "dev": tiny_data[1]}
