@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bench.cli import register as register_bench
 from training.cli import register as register_training
 
 
@@ -88,12 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=predict)
 
     register_training(sub)
-    try:
-        from bench.cli import register as register_bench
-    except ImportError:
-        pass
-    else:
-        register_bench(sub)
+    register_bench(sub)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

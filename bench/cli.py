@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
-
-log = logging.getLogger("offramp.bench")
 
 
 def _thresholds(spec: str) -> list[float]:

@@ -218,6 +218,9 @@ def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.n
     if model.num_layers != manifest.num_layers or model.num_labels != len(manifest.labels):
         raise BenchError(f"{checkpoint}: {model.num_layers} layers / {model.num_labels} labels, "
                          f"the bundle has {manifest.num_layers} / {len(manifest.labels)}")
+    # The baseline is transformers as a user would load it: default attention (SDPA), not the
+    # eager attention the layer-by-layer export path uses.
+    model.backbone = transformers.AutoModel.from_pretrained(str(checkpoint)).eval()
     tensors = [(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask),
                 torch.from_numpy(b.token_type_ids)) for b in batches]
 
