@@ -25,11 +25,24 @@ def _settings(args: argparse.Namespace):
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from app import logs
     from app.server import create_app
 
     settings = _settings(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=30)
+    logs.configure(settings.log_level)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Readiness turns false at once; uvicorn then stops accepting connections, lets
+            # in-flight requests finish, and the lifespan's shutdown answers what is queued.
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    Server(config).run()
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -94,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in a bundle's provenance
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.func(args)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -78,11 +78,21 @@ class CalibrationPoint(BaseModel):
     measured_speedup: float | None = None
 
 
+class QuantizationReport(BaseModel):
+    method: str
+    source_bytes: int
+    fp32_dev_accuracy: list[float]  # per layer, full depth last
+    int8_dev_accuracy: list[float]
+
+
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str
     task: Literal["classification"] = "classification"
-    labels: list[str] = Field(min_length=2)
+    labels: list[str] = Field(min_length=2)  # served names; the index is the class id
+    # The labels as written in the training file, in class-id order ("0", "1" for SST-2 served
+    # as "negative", "positive"); data files are mapped to class ids through this.
+    source_labels: list[str] | None = None
     text_pair: bool = False
     max_seq_length: int = Field(gt=2)
     num_layers: int = Field(ge=1)
@@ -94,7 +104,7 @@ class Manifest(BaseModel):
     tokenizer: str = "tokenizer.json"
     graphs: Graphs
     files: list[BundleFile]
-    quantization: str | None = None
+    quantization: QuantizationReport | None = None
     provenance: Provenance
     dev_results: list[LayerResult] = Field(default_factory=list)
     verification: Verification | None = None
@@ -117,8 +127,20 @@ class Manifest(BaseModel):
             raise ValueError(f"files does not list {missing}")
         return self
 
-    def label_id(self, label: str) -> int:
-        return self.labels.index(label)
+    def label_ids(self, raw_labels: Iterable[str]) -> list[int]:
+        """Class ids of labels as a data file writes them (or as the model serves them)."""
+        index = {name: i for i, name in enumerate(self.labels)}
+        index.update({raw: i for i, raw in enumerate(self.source_labels or [])})
+        ids, unknown = [], set()
+        for label in raw_labels:
+            if label in index:
+                ids.append(index[label])
+            else:
+                unknown.add(label)
+        if unknown:
+            raise ValueError(f"labels {sorted(unknown)} are not among the model's labels "
+                             f"{self.source_labels or self.labels}")
+        return ids
 
 
 def sha256_of(path: Path) -> str:

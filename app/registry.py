@@ -1,83 +1,209 @@
-"""Model bundles found in the model directory, each verified, loaded and warmed up."""
+"""Model bundles found in the model directory: verified, loaded, warmed up, served by name.
+
+Layout: `MODEL_DIR/NAME/` is a bundle (version 1), or `MODEL_DIR/NAME/1/`, `MODEL_DIR/NAME/2/`
+... are its versions; the highest version is served unless a request names another. MODEL_DIR
+may itself be a single bundle. Reloading swaps a version in only once it has loaded and
+verified; a bundle that fails keeps the version already serving.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from app.batcher import Batcher
 from app.encoding import TextEncoder
 from app.engine import Engine
-from app.manifest import MANIFEST_NAME, ManifestError, Manifest, read_manifest
+from app.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
+
+LOAD_ERRORS = (ManifestError, OSError, ValueError, RuntimeError)
 
 
 @dataclass
 class LoadedModel:
     name: str
+    version: int
     path: Path
     manifest: Manifest
     encoder: TextEncoder
     engine: Engine
+    batcher: Batcher | None = None
+    fingerprint: str = ""  # the manifest's file digests: a changed bundle is reloaded
 
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
 
 
-def load_model(path: Path, provider: str = "cpu", intra_op_threads: int | None = None) -> LoadedModel:
+def _fingerprint(manifest: Manifest) -> str:
+    """Changes with any change of the manifest, which lists every file's sha256."""
+    return hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()
+
+
+def load_model(path: Path, provider: str = "cpu", intra_op_threads: int | None = None,
+               name: str | None = None, version: int = 1) -> LoadedModel:
     """Verify every file against the manifest, open the sessions and warm every layer up."""
+    path = Path(path)
     manifest = read_manifest(path, verify_files=True)
     encoder = TextEncoder.from_file(path / manifest.tokenizer, manifest.max_seq_length)
     engine = Engine(path, manifest, provider=provider, intra_op_threads=intra_op_threads)
     warm = encoder.encode([("warm up", "warm up")] if manifest.text_pair else ["warm up"] * 2)
     engine.run(warm, threshold=np.float32(0.0))
     # Served under its folder name, so models/NAME is /v1/models/NAME whatever it was trained as.
-    return LoadedModel(Path(path).name, Path(path), manifest, encoder, engine)
+    return LoadedModel(name or path.name, version, path, manifest, encoder, engine,
+                       fingerprint=_fingerprint(manifest))
+
+
+def find_versions(model_path: Path) -> dict[int, Path]:
+    """{version: bundle folder} of one model folder."""
+    if (model_path / MANIFEST_NAME).is_file():
+        return {1: model_path}
+    versions = {}
+    if model_path.is_dir():
+        for sub in model_path.iterdir():
+            if sub.name.isdigit() and (sub / MANIFEST_NAME).is_file():
+                versions[int(sub.name)] = sub
+    return versions
+
+
+def find_models(model_dir: Path) -> dict[str, Path]:
+    """{name: model folder}: model_dir itself when it is a bundle, else its sub-folders."""
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST_NAME).is_file():
+        return {model_dir.name: model_dir}
+    if not model_dir.is_dir():
+        return {}
+    return {p.name: p for p in sorted(model_dir.iterdir()) if p.is_dir() and find_versions(p)}
 
 
 def find_bundles(model_dir: Path) -> list[Path]:
-    """The bundle itself when model_dir is one, else each sub-folder holding a manifest."""
-    model_dir = Path(model_dir)
-    if (model_dir / MANIFEST_NAME).is_file():
-        return [model_dir]
-    if not model_dir.is_dir():
-        return []
-    return sorted(p for p in model_dir.iterdir() if (p / MANIFEST_NAME).is_file())
+    """Latest version's folder of every model."""
+    return [versions[max(versions)] for versions in map(find_versions, find_models(model_dir).values())]
+
+
+@dataclass
+class ReloadReport:
+    loaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
 
 
 class Registry:
     def __init__(self, model_dir: Path, default: str | None = None, provider: str = "cpu",
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None,
+                 make_batcher: Callable[[LoadedModel], Batcher] | None = None):
         self.model_dir = Path(model_dir)
         self.provider = provider
         self.intra_op_threads = intra_op_threads
         self.requested_default = default
-        self.models: dict[str, LoadedModel] = {}
+        self.make_batcher = make_batcher
+        self.versions: dict[str, dict[int, LoadedModel]] = {}
         self.errors: dict[str, str] = {}
+        self._lock = asyncio.Lock()
 
-    def load_all(self) -> None:
-        for path in find_bundles(self.model_dir):
-            try:
-                model = load_model(path, self.provider, self.intra_op_threads)
-            except (ManifestError, OSError, ValueError, RuntimeError) as exc:
-                # One bad bundle is reported and skipped; the others still serve.
-                self.errors[path.name] = str(exc)
-                log.error("bundle %s not loaded: %s", path, exc)
-                continue
-            self.models[model.name] = model
-            log.info("loaded %s from %s (%d layers, labels %s, provider %s, %d threads)",
-                     model.name, path, model.manifest.num_layers, model.labels,
-                     model.engine.active_provider, model.engine.intra_op_threads)
+    # -- lookup ----------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The latest loaded version of every model."""
+        return {name: v[max(v)] for name, v in self.versions.items() if v}
 
     @property
     def default_name(self) -> str | None:
         if self.requested_default:
-            return self.requested_default if self.requested_default in self.models else None
-        return next(iter(self.models), None)
+            return self.requested_default if self.requested_default in self.versions else None
+        return next(iter(sorted(self.versions)), None)
 
-    def get(self, name: str) -> LoadedModel | None:
-        return self.models.get(name)
+    def get(self, name: str, version: int | None = None) -> LoadedModel | None:
+        versions = self.versions.get(name) or {}
+        if not versions:
+            return None
+        return versions.get(version if version is not None else max(versions))
+
+    def all_loaded(self) -> list[LoadedModel]:
+        return [m for v in self.versions.values() for m in v.values()]
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self, name: str, version: int, path: Path) -> LoadedModel:
+        model = load_model(path, self.provider, self.intra_op_threads, name, version)
+        log.info("loaded %s version %d from %s (%d layers, labels %s, provider %s, %d threads)",
+                 name, version, path, model.manifest.num_layers, model.labels,
+                 model.engine.active_provider, model.engine.intra_op_threads)
+        return model
+
+    def _start(self, model: LoadedModel) -> None:
+        if self.make_batcher is not None:
+            model.batcher = self.make_batcher(model)
+            model.batcher.start()
+
+    async def load_all(self) -> ReloadReport:
+        return await self.reload(None)
+
+    async def reload(self, only: str | None = None) -> ReloadReport:
+        """Load new or changed versions (of one model, or all), verifying each before it serves;
+        the version being replaced drains its queue before it goes."""
+        from anyio import to_thread
+
+        report = ReloadReport()
+        async with self._lock:
+            found = find_models(self.model_dir)
+            names = [only] if only else sorted(set(found) | set(self.versions))
+            for name in names:
+                on_disk = find_versions(found[name]) if name in found else {}
+                serving = self.versions.get(name, {})
+                for version, path in sorted(on_disk.items()):
+                    key = f"{name}/{version}"
+                    current = serving.get(version)
+                    try:
+                        manifest = read_manifest(path, verify_files=False)
+                        if current is not None and current.fingerprint == _fingerprint(manifest):
+                            report.unchanged.append(key)
+                            continue
+                        model = await to_thread.run_sync(self._load, name, version, path)
+                    except LOAD_ERRORS as exc:
+                        report.failed[key] = str(exc)
+                        self.errors[key] = str(exc)
+                        log.error("bundle %s not loaded%s: %s", path,
+                                  "; the loaded one keeps serving" if current else "", exc)
+                        continue
+                    self._start(model)
+                    self.versions.setdefault(name, {})[version] = model
+                    self.errors.pop(key, None)
+                    report.loaded.append(key)
+                    if current is not None:
+                        await self._retire(current)
+                for version in sorted(set(serving) - set(on_disk)):
+                    report.removed.append(f"{name}/{version}")
+                    await self._retire(self.versions[name].pop(version))
+                if name in self.versions and not self.versions[name]:
+                    del self.versions[name]
+        return report
+
+    async def _retire(self, model: LoadedModel) -> None:
+        if model.batcher is not None:
+            await model.batcher.stop()
+
+    async def stop(self) -> None:
+        """Finish every queued request of every model."""
+        for model in self.all_loaded():
+            await self._retire(model)
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll the model directory and reload what changed (the file-watch form of reload)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                report = await self.reload()
+            except Exception:  # the watcher must outlive any one bad scan
+                log.exception("model directory scan failed")
+                continue
+            if report.loaded or report.failed or report.removed:
+                log.info("model directory changed: %s", report)

@@ -23,6 +23,7 @@ class PredictRequest(BaseModel):
     min_layers: int | None = Field(default=None, ge=1, description="no exit before this layer")
     max_layers: int | None = Field(default=None, ge=1, description="always exit at this layer")
     return_probabilities: bool = False
+    timeout_ms: float | None = Field(default=None, gt=0, description="deadline: 504 instead of a late answer")
 
 
 class Prediction(BaseModel):
@@ -37,6 +38,7 @@ class Prediction(BaseModel):
 
 class Timing(BaseModel):
     tokenize: float
+    queue: float
     inference: float
     total: float
 
@@ -53,6 +55,8 @@ class PredictResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    version: int = Field(description="the version served by default (the latest)")
+    versions: list[int]
     labels: list[str]
     layers: int
     text_pair: bool
@@ -65,6 +69,15 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     models: list[ModelInfo]
     failed: dict[str, str] = Field(default_factory=dict, description="bundles that did not load")
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    loaded: list[str] = Field(description="name/version loaded (new or changed)")
+    unchanged: list[str]
+    failed: dict[str, str] = Field(description="name/version -> why; the version already serving stays")
+    removed: list[str]
+    serving: list[int] = Field(description="versions serving after the reload")
 
 
 class ErrorResponse(BaseModel):

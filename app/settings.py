@@ -1,11 +1,12 @@
-"""Every server setting in one place: flags of `offramp serve` and OFFRAMP_* variables."""
+"""Every server setting in one place: flags of `offramp serve` and OFFRAMP_* variables.
+docs/serving.md is the reference; each field's description is its documentation."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -14,12 +15,28 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OFFRAMP_", protected_namespaces=())
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    model_dir: Path = DEFAULT_MODEL_DIR
-    default_model: str | None = None  # the only or first bundle when unset
-    provider: Literal["cpu", "cuda"] = "cpu"
-    intra_op_threads: int | None = Field(default=None, ge=1)  # None: the cgroup CPU quota
-    max_inputs: int = Field(default=256, ge=1)  # texts per request
-    max_text_chars: int = Field(default=20_000, ge=1)
-    log_level: str = "info"
+    # where and what
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="a bundle, or a folder of bundles (NAME/ or NAME/VERSION/)")
+    default_model: str | None = Field(None, description="model of /v1/predict; default: the first by name")
+    watch_interval_s: float = Field(0.0, ge=0, description="poll the model folder and reload changes every N s; 0: off")
+    # engine
+    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider; cuda falls back to cpu")
+    intra_op_threads: int | None = Field(None, ge=1, description="threads per inference; default: the cgroup CPU quota")
+    # batching
+    batching: bool = Field(True, description="merge concurrent requests into shared batches")
+    max_batch_rows: int = Field(64, ge=1, description="rows per batch")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (rows x longest row)")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the first row of a batch waits for company")
+    max_queue_rows: int = Field(2048, ge=1, description="rows waiting per model; beyond: 429 with Retry-After")
+    default_timeout_ms: float | None = Field(None, gt=0, description="deadline of requests that set no timeout_ms")
+    # limits
+    max_inputs: int = Field(256, ge=1, description="texts per request (413 beyond)")
+    max_text_chars: int = Field(20_000, ge=1, description="characters per text (413 beyond)")
+    max_body_bytes: int = Field(2_000_000, ge=1, description="request body size (413 beyond)")
+    # operations
+    api_key: SecretStr | None = Field(None, description="Bearer key for predict and admin routes; unset: open")
+    log_level: str = Field("info", description="log level")
+    log_text: bool = Field(False, description="include input texts in request logs")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may take")

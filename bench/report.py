@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,7 +33,7 @@ from app.engine import Engine
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
 from bench.sweep import fine_grid, make_batches, timed_run
-from training.data import label_vocabulary, read_examples
+from training.data import read_examples
 
 DEFAULT_THRESHOLDS = fine_grid(0.05)
 
@@ -72,33 +71,12 @@ def parse_thresholds(spec: str) -> list[float]:
     return sorted(set(values))
 
 
-def label_ids(file_labels: Sequence[str], model_labels: Sequence[str]) -> np.ndarray:
-    """Class ids of a data file's raw labels, in the bundle's label order.
-
-    Labels found among the bundle's names map directly. Otherwise the bundle was trained with
-    renamed labels (`--label-names negative,positive` over a file holding "0"/"1"): training
-    numbered the file's labels in `label_vocabulary` order, so the same order maps them here.
-    A file holding only some of the classes can only be mapped when its labels are the integers
-    0..C-1 themselves (the ids they had in training).
-    """
-    model_labels = list(model_labels)
-    num_classes = len(model_labels)
-    distinct = set(file_labels)
-    if distinct <= set(model_labels):
-        index = {label: i for i, label in enumerate(model_labels)}
-    else:
-        vocabulary = label_vocabulary(distinct)
-        if len(vocabulary) == num_classes:
-            index = {label: i for i, label in enumerate(vocabulary)}
-        elif all(re.fullmatch(r"[0-9]+", l) and int(l) < num_classes for l in distinct):
-            index = {label: int(label) for label in distinct}
-        else:
-            raise BenchError(
-                f"cannot map the file's labels {vocabulary} to the bundle's labels {model_labels}: "
-                f"they are not among them, and the file has {len(vocabulary)} distinct labels "
-                f"for {num_classes} classes"
-            )
-    return np.array([index[label] for label in file_labels], dtype=np.int64)
+def label_ids(file_labels: Sequence[str], manifest: Manifest) -> np.ndarray:
+    """Class ids of a data file's raw labels, through the manifest's one label mapping."""
+    try:
+        return np.array(manifest.label_ids(file_labels), dtype=np.int64)
+    except ValueError as exc:
+        raise BenchError(f"cannot map the file's labels: {exc}") from exc
 
 
 def load_data(path: Path, manifest: Manifest, text_columns: Sequence[str] | None = None,
@@ -112,7 +90,7 @@ def load_data(path: Path, manifest: Manifest, text_columns: Sequence[str] | None
             f"but the file has {'two' if paired else 'one'} text column(s); pass --text-columns"
         )
     inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in examples]
-    return inputs, label_ids([e.label for e in examples], manifest.labels)
+    return inputs, label_ids([e.label for e in examples], manifest)
 
 
 # -- measurements -------------------------------------------------------------------------------

@@ -29,10 +29,14 @@ def tiny_bundle(tmp_path_factory, tiny_teacher_dir, tiny_data) -> dict[str, Path
     """A FastBERT bundle trained and exported through the real `offramp train` command."""
     from app.cli import main
 
+    from training.data import read_examples
+
     root = tmp_path_factory.mktemp("trained")
     bundle, checkpoint = root / "models" / "tiny", root / "ckpt"
+    unlabeled = root / "unlabeled.txt"  # SST-2 test sentences: domain text without labels
+    unlabeled.write_text("".join(e.text + "\n" for e in read_examples(SST2 / "test.tsv").examples[:100]))
     main(["train", "fastbert", "--teacher", str(tiny_teacher_dir), "--train", str(tiny_data[0]),
-          "--dev", str(tiny_data[1]), "--out", str(bundle), "--checkpoint", str(checkpoint),
+          "--dev", str(tiny_data[1]), "--unlabeled", str(unlabeled), "--out", str(bundle), "--checkpoint", str(checkpoint),
           "--epochs", "2", "--distill-epochs", "2", "--lr", "1e-3", "--distill-lr", "1e-3",
           "--batch-size", "16", "--threads", "2"])
     return {"bundle": bundle, "models": bundle.parent, "checkpoint": checkpoint,

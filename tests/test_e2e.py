@@ -3,48 +3,21 @@ against the PyTorch model it was exported from."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
+from tests.serving import start_server
 from training.data import read_examples
 from training.model import EarlyExitModel
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    port = free_port()
-    env = {**os.environ, "OFFRAMP_MODEL_DIR": str(tiny_bundle["models"]), "OFFRAMP_INTRA_OP_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("server exited:\n" + proc.stdout.read())
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server not ready within 60 s")
+    proc, url = start_server(tiny_bundle["models"])
     yield url
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0

@@ -118,7 +118,7 @@ def run_fastbert(args: argparse.Namespace) -> None:
     )
     dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
     manifest = export_bundle(
-        model, task.tokenizer_file, args.out, name=name, labels=task.labels,
+        model, task.tokenizer_file, args.out, name=name, labels=task.labels, source_labels=task.source_labels,
         text_pair=task.text_pair, max_seq_length=cfg.max_seq_length, provenance=provenance,
         dev_results=[LayerResult(layer=i, accuracy=a) for i, a in enumerate(accuracy, 1)],
         calibration_inputs=dev_inputs, calibration_labels=task.dev.labels,
@@ -129,7 +129,42 @@ def run_fastbert(args: argparse.Namespace) -> None:
     print(f"bundle written to {args.out} (checkpoint {checkpoint})")
 
 
+def run_quantize(args: argparse.Namespace) -> None:
+    from app.manifest import read_manifest
+    from bench.report import load_data
+    from training.quantize import quantize_bundle
+
+    text_columns = args.text_columns.split(",") if args.text_columns else None
+    inputs, labels = load_data(args.dev, read_manifest(args.bundle), text_columns, args.label_column)
+    quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss)
+    print(f"int8 bundle written to {args.out}")
+
+
+def run_card(args: argparse.Namespace) -> None:
+    from training.card import write_model_card
+
+    path = write_model_card(args.bundle, args.bench, args.notes)
+    print(f"model card written to {path}")
+
+
 def register(subparsers) -> None:
+    quantize = subparsers.add_parser("quantize", help="int8-quantise a bundle, check it on dev, recalibrate")
+    quantize.add_argument("bundle", type=Path, help="verified fp32 bundle")
+    quantize.add_argument("--out", required=True, type=Path)
+    quantize.add_argument("--dev", required=True, type=Path, help="labelled dev file")
+    quantize.add_argument("--text-columns")
+    quantize.add_argument("--label-column")
+    quantize.add_argument("--calibration-tolerance", type=float, default=0.5)
+    quantize.add_argument("--max-loss", type=float, default=0.5,
+                          help="refuse the int8 bundle if full-depth dev accuracy drops by more points")
+    quantize.set_defaults(func=run_quantize)
+
+    card = subparsers.add_parser("card", help="write a bundle's model card (README.md) and calibration plot")
+    card.add_argument("bundle", type=Path)
+    card.add_argument("--bench", type=Path, help="JSON of `offramp bench` to include")
+    card.add_argument("--notes", type=Path, help="Markdown to append (e.g. how to reproduce)")
+    card.set_defaults(func=run_card)
+
     train = subparsers.add_parser("train", help="train and export a model bundle")
     methods = train.add_subparsers(dest="method", required=True)
     fastbert = methods.add_parser("fastbert", help="FastBERT: fine-tune, then self-distil an exit after every layer")

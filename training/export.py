@@ -135,6 +135,7 @@ def export_bundle(
     *,
     name: str,
     labels: list[str],
+    source_labels: list[str] | None,
     text_pair: bool,
     max_seq_length: int,
     provenance: Provenance,
@@ -154,7 +155,7 @@ def export_bundle(
         shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
         files = [describe_file(staging, f) for f in ["tokenizer.json", graphs.embeddings, *graphs.layers]]
         manifest = Manifest(
-            name=name, labels=labels, text_pair=text_pair, max_seq_length=max_seq_length,
+            name=name, labels=labels, source_labels=source_labels, text_pair=text_pair, max_seq_length=max_seq_length,
             num_layers=model.num_layers, hidden_size=model.config.hidden_size,
             exit_head=model.exit_head, teacher_head=model.teacher_head, graphs=graphs, files=files,
             provenance=provenance, dev_results=dev_results,

@@ -65,7 +65,7 @@ def train(
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(loss.item())
                 progress.update()
                 if len(losses) % LOG_EVERY == 0 or len(losses) == total:
                     recent = float(np.mean(losses[-LOG_EVERY:]))

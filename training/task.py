@@ -16,7 +16,8 @@ from training.dataset import EncodedDataset
 @dataclass
 class Task:
     teacher: str
-    labels: list[str]
+    labels: list[str]  # served names
+    source_labels: list[str]  # as the training file writes them, same order
     text_pair: bool
     encoder: TextEncoder
     tokenizer_file: Path
@@ -85,6 +86,6 @@ def load_task(
         extra = read_examples(unlabeled_path, text_columns, None)
         distill = EncodedDataset(train_examples + extra.examples, encoder, raw_labels)
         records["unlabeled"] = _record(extra, len(extra.examples))
-    return Task(teacher=str(teacher), labels=labels, text_pair=text_pair, encoder=encoder,
+    return Task(teacher=str(teacher), labels=labels, source_labels=raw_labels, text_pair=text_pair, encoder=encoder,
                 tokenizer_file=tokenizer_file, train=train, dev=dev, distill_data=distill,
                 records=records)

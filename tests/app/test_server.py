@@ -85,6 +85,6 @@ def test_a_bad_bundle_does_not_stop_the_good_one(tiny_bundle, tmp_path):
     with TestClient(create_app(Settings(model_dir=tmp_path))) as c:
         listing = c.get("/v1/models").json()
         assert [m["name"] for m in listing["models"]] == ["good"]
-        assert "sha256" in listing["failed"]["bad"]
+        assert "sha256" in listing["failed"]["bad/1"]
         assert post(c, {"inputs": ["fine"]}, model="good").status_code == 200
         assert post(c, {"inputs": ["fine"]}, model="bad").status_code == 404

@@ -39,27 +39,29 @@ ROW_FIELDS = {"threshold", "accuracy", "mean_exit_layer", "exit_histogram",
 
 # -- label mapping and threshold parsing (no model) ---------------------------------------------
 
-def test_label_ids_direct_names():
-    assert label_ids(["positive", "negative", "positive"], LABEL_NAMES).tolist() == [1, 0, 1]
+class _Labels:
+    """Just the manifest's label mapping (app.manifest.Manifest.label_ids)."""
+
+    def __init__(self, labels, source_labels=None):
+        from app.manifest import Manifest
+
+        self.labels, self.source_labels = labels, source_labels
+        self.label_ids = lambda raw: Manifest.label_ids(self, raw)
 
 
-def test_label_ids_renamed_labels_follow_vocabulary_order():
+def test_label_ids_served_names_and_source_labels():
+    renamed = _Labels(LABEL_NAMES, ["0", "1"])
+    assert label_ids(["positive", "negative", "positive"], renamed).tolist() == [1, 0, 1]
     # Trained with --label-names negative,positive over "0"/"1": "0" -> negative.
-    assert label_ids(["1", "0", "0"], LABEL_NAMES).tolist() == [1, 0, 0]
-    # Numeric, not string, order: "2" before "10".
-    assert label_ids(["10", "2", "10"], ["low", "high"]).tolist() == [1, 0, 1]
-    assert label_ids(["b", "a"], ["x", "y"]).tolist() == [1, 0]
-
-
-def test_label_ids_subset_of_integer_labels_keeps_their_ids():
-    assert label_ids(["1", "1"], LABEL_NAMES).tolist() == [1, 1]
+    assert label_ids(["1", "0", "0"], renamed).tolist() == [1, 0, 0]
+    assert label_ids(["10", "2"], _Labels(["low", "high"], ["2", "10"])).tolist() == [1, 0]
 
 
 def test_label_ids_unmappable():
+    with pytest.raises(BenchError, match="cannot map.*'maybe'"):
+        label_ids(["maybe", "0"], _Labels(LABEL_NAMES, ["0", "1"]))
     with pytest.raises(BenchError, match="cannot map"):
-        label_ids(["a", "b", "c"], LABEL_NAMES)
-    with pytest.raises(BenchError, match="cannot map"):
-        label_ids(["maybe"], LABEL_NAMES)
+        label_ids(["0"], _Labels(LABEL_NAMES))
 
 
 def test_parse_thresholds():

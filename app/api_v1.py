@@ -1,0 +1,112 @@
+"""The /v1 API: per-request thresholds, the exit layer of every row, model admin."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from app.auth import require_api_key
+from app.registry import LoadedModel
+from app.schemas import (
+    ErrorResponse,
+    ModelInfo,
+    ModelList,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    ReloadResponse,
+    Timing,
+)
+from app.service import Classification, RequestError, classify_for_http, timing_headers
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 429, 503, 504)}
+
+
+def model_info(request: Request, model: LoadedModel) -> ModelInfo:
+    registry = request.app.state.registry
+    m = model.manifest
+    return ModelInfo(name=model.name, version=model.version, versions=sorted(registry.versions[model.name]),
+                     labels=m.labels, layers=m.num_layers, text_pair=m.text_pair,
+                     max_seq_length=m.max_seq_length, recommended_threshold=m.recommended_threshold,
+                     exit_head=m.exit_head, default=model.name == registry.default_name)
+
+
+def to_response(result: Classification, return_probabilities: bool) -> PredictResponse:
+    manifest, labels = result.model.manifest, result.model.manifest.labels
+    rows = result.result
+    predictions = []
+    for row in range(len(rows.exit_layer)):
+        probs = rows.probabilities[row]
+        best = int(probs.argmax())
+        predictions.append(Prediction(
+            label=labels[best], label_id=best, score=float(probs[best]),
+            probabilities={l: float(p) for l, p in zip(labels, probs)} if return_probabilities else None,
+            exit_layer=int(rows.exit_layer[row]), uncertainty=float(rows.uncertainty[row]),
+            truncated=bool(result.batch.truncated[row]),
+        ))
+    truncated = [i for i, t in enumerate(result.batch.truncated) if t]
+    warnings = ([f"inputs{truncated} longer than {manifest.max_seq_length} tokens were truncated"]
+                if truncated else [])
+    return PredictResponse(
+        model=result.model.name, threshold=result.threshold, predictions=predictions,
+        layers_executed=rows.layers_executed, layers_full=len(predictions) * manifest.num_layers,
+        warnings=warnings,
+        timing_ms=Timing(tokenize=result.tokenize_s * 1e3, queue=result.queue_s * 1e3,
+                         inference=result.inference_s * 1e3, total=result.total_s * 1e3),
+    )
+
+
+async def _predict(request: Request, response: Response, model: str, version: int | None,
+                   body: PredictRequest) -> PredictResponse:
+    result = await classify_for_http(request, model, version, body.inputs, "v1", body.threshold,
+                                     body.min_layers, body.max_layers, body.timeout_ms)
+    response.headers.update(timing_headers(result))
+    return to_response(result, body.return_probabilities)
+
+
+@router.post("/models/{model}/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def predict(model: str, body: PredictRequest, request: Request, response: Response):
+    return await _predict(request, response, model, None, body)
+
+
+@router.post("/models/{model}/versions/{version}/predict", response_model=PredictResponse,
+             response_model_exclude_none=True, responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def predict_version(model: str, version: int, body: PredictRequest, request: Request, response: Response):
+    return await _predict(request, response, model, version, body)
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def predict_default(body: PredictRequest, request: Request, response: Response):
+    name = request.app.state.registry.default_name
+    if name is None:
+        raise RequestError(503, "model", "no model loaded", "unavailable")
+    return await _predict(request, response, name, None, body)
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request):
+    registry = request.app.state.registry
+    return ModelList(models=[model_info(request, m) for m in registry.models.values()], failed=registry.errors)
+
+
+@router.get("/models/{model}", response_model=ModelInfo, responses=ERRORS)
+async def get_model(model: str, request: Request):
+    loaded = request.app.state.registry.get(model)
+    if loaded is None:
+        raise RequestError(404, "model", f"no model named {model!r}", "not_found")
+    return model_info(request, loaded)
+
+
+@router.post("/models/{model}/reload", response_model=ReloadResponse, responses=ERRORS,
+             dependencies=[Depends(require_api_key)])
+async def reload_model(model: str, request: Request):
+    """Load new or changed versions of the model from disk. A version that fails to load or
+    verify is reported and the one already serving keeps serving."""
+    registry = request.app.state.registry
+    report = await registry.reload(model)
+    if not (report.loaded or report.unchanged or report.failed or report.removed):
+        raise RequestError(404, "model", f"no model named {model!r} in {registry.model_dir}", "not_found")
+    return ReloadResponse(model=model, loaded=report.loaded, unchanged=report.unchanged, failed=report.failed,
+                          removed=report.removed, serving=sorted(registry.versions.get(model, {})))

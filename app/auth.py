@@ -1,0 +1,20 @@
+"""Optional Bearer API key (OFFRAMP_API_KEY) for predict and admin routes."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from app.service import RequestError
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency: 401 unless the Bearer token equals the configured key."""
+    key = request.app.state.settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # Constant-time comparison: the response time must not reveal how much of a key matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
+        raise RequestError(401, "authorization", "a valid Bearer API key is required", "unauthorized")

@@ -1,0 +1,232 @@
+"""Dynamic batching: concurrent requests are merged into batches that each row leaves at its
+own layer, with its own request's threshold and depth bounds.
+
+One worker per model takes the oldest waiting row, fills the batch with the waiting rows of the
+most similar length (bounded by rows and by padded tokens = rows x longest), runs it off the
+event loop, and hands every request its rows back. The queue is bounded (QueueFull -> 429);
+rows of a request whose client has gone or whose deadline has passed are dropped unrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+from anyio import to_thread
+
+from app.encoding import EncodedBatch
+from app.engine import Engine, ExitResult
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More rows are waiting than the queue holds."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its rows were computed."""
+
+
+class ShuttingDown(Exception):
+    """The batcher no longer takes work."""
+
+
+@dataclass
+class Job:
+    batch: EncodedBatch  # this request's rows, tokenised
+    threshold: float
+    min_layers: int
+    max_layers: int
+    deadline: float | None = None  # time.monotonic() after which the answer is useless
+    is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future | None = None
+    # filled as rows come back
+    probabilities: np.ndarray | None = None
+    exit_layer: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    remaining: int = 0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batch_rows: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.batch.input_ids.shape[0])
+
+    def result(self) -> ExitResult:
+        return ExitResult(self.probabilities, self.exit_layer, self.uncertainty)
+
+
+@dataclass
+class BatchStats:
+    """What the last batch looked like (for metrics)."""
+
+    rows: int
+    padded_tokens: int
+    queue_s: list[float]  # of each request in the batch
+    inference_s: float
+    exit_layer: np.ndarray
+
+
+class Batcher:
+    def __init__(self, engine: Engine, max_batch_rows: int = 64, max_batch_tokens: int = 8192,
+                 max_wait_ms: float = 2.0, max_queue_rows: int = 1024, merge_requests: bool = True,
+                 on_batch: Callable[[BatchStats], None] | None = None):
+        self.engine = engine
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue_rows = max_queue_rows
+        self.merge_requests = merge_requests  # False: every request is its own batch
+        self.on_batch = on_batch
+        self._pending: list[tuple[Job, int]] = []  # (job, row), oldest first
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        """Refuse new work, finish every queued row, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+            self._worker = None
+
+    async def submit(self, job: Job) -> ExitResult:
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        if self._pending and len(self._pending) + job.rows > self.max_queue_rows:
+            raise QueueFull(f"{len(self._pending)} rows waiting, at most {self.max_queue_rows}")
+        job.future = asyncio.get_running_loop().create_future()
+        rows = job.rows
+        job.probabilities = np.zeros((rows, len(self.engine.manifest.labels)), dtype=np.float32)
+        job.exit_layer = np.zeros(rows, dtype=np.int64)
+        job.uncertainty = np.zeros(rows, dtype=np.float32)
+        job.remaining = rows
+        self._pending.extend((job, r) for r in range(rows))
+        self._wakeup.set()
+        return await job.future
+
+    # -- the worker --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # A short wait lets concurrent requests arrive and share the batch.
+            oldest = self._pending[0][0].enqueued
+            wait = oldest + self.max_wait_s - time.monotonic()
+            if wait > 0 and self.merge_requests and len(self._pending) < self.max_batch_rows and not self._closing:
+                await asyncio.sleep(wait)
+            await self._drop_abandoned()
+            chosen = self._choose()
+            if chosen:
+                await self._compute(chosen)
+
+    async def _drop_abandoned(self) -> None:
+        now = time.monotonic()
+        for job in _unique(j for j, _ in self._pending):
+            reason = None
+            if job.future.done():  # the request gave up (its own timeout) while queued
+                reason = asyncio.CancelledError()
+            elif job.deadline is not None and now > job.deadline:
+                reason = DeadlineExceeded("deadline passed while queued")
+            elif job.is_disconnected is not None and await job.is_disconnected():
+                reason = ConnectionAbortedError("client disconnected")
+            if reason is not None:
+                self._pending = [(j, r) for j, r in self._pending if j is not job]
+                log.info("dropped %d queued rows: %s", job.rows, reason or "request cancelled")
+                if not job.future.done():
+                    job.future.set_exception(reason)
+
+    def _choose(self) -> list[tuple[Job, int]]:
+        """The oldest row plus the waiting rows closest to it in length, within the budgets."""
+        if not self._pending:
+            return []
+        first_job = self._pending[0][0]
+        candidates = self._pending if self.merge_requests else [p for p in self._pending if p[0] is first_job]
+        lengths = {id(p): int(p[0].batch.attention_mask[p[1]].sum()) for p in candidates}
+        anchor = candidates[0]
+        target = lengths[id(anchor)]
+        by_closeness = sorted(candidates[1:], key=lambda p: abs(lengths[id(p)] - target))
+        chosen, longest = [anchor], target
+        for p in by_closeness:
+            if len(chosen) >= self.max_batch_rows:
+                break
+            new_longest = max(longest, lengths[id(p)])
+            if (len(chosen) + 1) * new_longest > self.max_batch_tokens:
+                continue
+            chosen.append(p)
+            longest = new_longest
+        picked = {id(p) for p in chosen}
+        self._pending = [p for p in self._pending if id(p) not in picked]
+        return chosen
+
+    async def _compute(self, chosen: list[tuple[Job, int]]) -> None:
+        batch = _merge([job.batch for job, _ in chosen], [row for _, row in chosen])
+        threshold = np.array([job.threshold for job, _ in chosen], dtype=np.float32)
+        min_layers = np.array([job.min_layers for job, _ in chosen], dtype=np.int64)
+        max_layers = np.array([job.max_layers for job, _ in chosen], dtype=np.int64)
+        start = time.monotonic()
+        try:
+            result = await to_thread.run_sync(self.engine.run, batch, threshold, min_layers, max_layers)
+        except Exception as exc:  # a failed batch fails its requests, not the worker
+            log.exception("batch of %d rows failed", len(chosen))
+            for job in _unique(j for j, _ in chosen):
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        elapsed = time.monotonic() - start
+        for i, (job, row) in enumerate(chosen):
+            job.probabilities[row] = result.probabilities[i]
+            job.exit_layer[row] = result.exit_layer[i]
+            job.uncertainty[row] = result.uncertainty[i]
+            job.remaining -= 1
+        jobs = _unique(job for job, _ in chosen)
+        for job in jobs:
+            job.queue_s = max(job.queue_s, start - job.enqueued)
+            job.inference_s += elapsed
+            job.batch_rows.append(len(chosen))
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.result())
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(len(chosen), int(batch.input_ids.size),
+                                     [start - job.enqueued for job in jobs], elapsed, result.exit_layer))
+
+
+def _unique(jobs) -> list[Job]:
+    return list({id(job): job for job in jobs}.values())
+
+
+def _merge(batches: list[EncodedBatch], rows: list[int]) -> EncodedBatch:
+    """One right-padded batch of the given rows of several batches."""
+    lengths = [int(b.attention_mask[r].sum()) for b, r in zip(batches, rows)]
+    longest = max(lengths)
+    n = len(rows)
+    input_ids = np.zeros((n, longest), dtype=np.int64)  # padding is masked: its id is irrelevant
+    attention_mask = np.zeros((n, longest), dtype=np.int64)
+    token_type_ids = np.zeros((n, longest), dtype=np.int64)
+    truncated = np.zeros(n, dtype=bool)
+    for i, (b, r, length) in enumerate(zip(batches, rows, lengths)):
+        input_ids[i, :length] = b.input_ids[r, :length]
+        attention_mask[i, :length] = 1
+        token_type_ids[i, :length] = b.token_type_ids[r, :length]
+        truncated[i] = b.truncated[r]
+    return EncodedBatch(input_ids, attention_mask, token_type_ids, truncated)

@@ -1,0 +1,45 @@
+"""Prometheus metrics (prometheus-client), one registry per app so tests can build many apps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from app.batcher import BatchStats
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LAYER_BUCKETS = tuple(range(1, 25))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("offramp_requests_total", "Requests by model, protocol and status",
+                                ["model", "protocol", "status"], registry=r)
+        self.request_duration = Histogram("offramp_request_duration_seconds", "Request time, end to end",
+                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("offramp_queue_duration_seconds", "Time a request waited for its batch",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram("offramp_inference_duration_seconds", "Engine time of a batch",
+                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("offramp_batch_size_rows", "Rows per batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_rows = Gauge("offramp_queue_rows", "Rows waiting for a batch", ["model"], registry=r)
+        self.exit_layer = Histogram("offramp_exit_layer", "Layer each row exited at", ["model"],
+                                    buckets=LAYER_BUCKETS, registry=r)
+        self.layers_executed = Counter("offramp_layers_executed_total", "Layers run, summed over rows",
+                                       ["model"], registry=r)
+        self.layers_saved = Counter("offramp_layers_saved_total",
+                                    "Layers not run thanks to early exit, summed over rows", ["model"], registry=r)
+
+    def observe_batch(self, model: str, num_layers: int, stats: BatchStats) -> None:
+        self.batch_size.labels(model).observe(stats.rows)
+        self.inference_duration.labels(model).observe(stats.inference_s)
+        for seconds in stats.queue_s:
+            self.queue_duration.labels(model).observe(seconds)
+        for layer in stats.exit_layer.tolist():
+            self.exit_layer.labels(model).observe(layer)
+        executed = int(stats.exit_layer.sum())
+        self.layers_executed.labels(model).inc(executed)
+        self.layers_saved.labels(model).inc(stats.rows * num_layers - executed)

@@ -1,0 +1,147 @@
+"""Load generator: concurrent clients, each sending one sentence per request, against a server.
+
+    python -m bench.load --url http://127.0.0.1:8000 --data ../shared/data/glue/SST-2/dev.tsv
+    python -m bench.load --compare-batching --model-dir models --data ... --json out.json
+
+With --compare-batching it starts `offramp serve` itself twice on this machine, with dynamic
+batching on and off (every request its own batch), and runs the same load against each in one
+run, so the two figures are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from training.data import read_examples
+
+
+async def run_load(url: str, model: str | None, texts: list[str], clients: int, requests: int,
+                   threshold: float | None, timeout_s: float = 60.0) -> dict:
+    """`clients` concurrent loops, `requests` in all, one text per request, in file order."""
+    route = f"/v1/models/{model}/predict" if model else "/v1/predict"
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    exit_layers: list[int] = []
+    counter = iter(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for i in counter:
+            body = {"inputs": [texts[i % len(texts)]]}
+            if threshold is not None:
+                body["threshold"] = threshold
+            start = time.perf_counter()
+            try:
+                response = await http.post(route, json=body)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+            else:
+                exit_layers.extend(p["exit_layer"] for p in response.json()["predictions"])
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
+        await http.post(route, json={"inputs": [texts[0]]})  # warm the connection and the model
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {
+        "clients": clients, "requests": requests, "seconds": elapsed,
+        "throughput_rps": requests / elapsed,
+        "latency_ms": {q: float(np.percentile(ms, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
+        if len(ms) else None,
+        "errors": errors, "mean_exit_layer": float(np.mean(exit_layers)) if exit_layers else None,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, batching: bool, threads: int | None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "OFFRAMP_MODEL_DIR": str(model_dir), "OFFRAMP_BATCHING": str(batching).lower(),
+           "OFFRAMP_LOG_LEVEL": "warning"}
+    if threads:
+        env["OFFRAMP_INTRA_OP_THREADS"] = str(threads)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server not ready within 120 s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server")
+    p.add_argument("--compare-batching", action="store_true", help="start servers with batching on and off")
+    p.add_argument("--model-dir", type=Path, default=Path("models"))
+    p.add_argument("--model", help="model name (default: the server's default model)")
+    p.add_argument("--data", type=Path, required=True, help="file of sentences (first text column)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--threads", type=int, help="server intra-op threads")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    texts = [e.text for e in read_examples(args.data).examples]
+    runs = {}
+    if args.compare_batching:
+        for batching in (True, False):
+            proc, url = start_server(args.model_dir, batching, args.threads)
+            try:
+                runs["batching" if batching else "no_batching"] = asyncio.run(
+                    run_load(url, args.model, texts, args.clients, args.requests, args.threshold))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    elif args.url:
+        runs["server"] = asyncio.run(run_load(args.url, args.model, texts, args.clients, args.requests, args.threshold))
+    else:
+        p.error("give --url or --compare-batching")
+    report = {"data": str(args.data), "clients": args.clients, "requests": args.requests,
+              "threshold": args.threshold, "machine": {"cpu": platform.processor() or platform.machine(),
+                                                       "cores": os.cpu_count()}, "runs": runs}
+    if "batching" in runs and "no_batching" in runs:
+        report["batching_speedup"] = runs["batching"]["throughput_rps"] / runs["no_batching"]["throughput_rps"]
+    print(f"{'run':<12} | {'req/s':>8} | {'p50 ms':>7} | {'p95 ms':>7} | {'p99 ms':>7} | errors | mean exit")
+    for name, r in runs.items():
+        lat = r["latency_ms"] or {}
+        print(f"{name:<12} | {r['throughput_rps']:8.1f} | {lat.get('p50', 0):7.1f} | {lat.get('p95', 0):7.1f} | "
+              f"{lat.get('p99', 0):7.1f} | {sum(r['errors'].values()):6d} | {r['mean_exit_layer']}")
+    if "batching_speedup" in report:
+        print(f"batching throughput / no batching: {report['batching_speedup']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
