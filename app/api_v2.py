@@ -1,5 +1,554 @@
-"""Open Inference Protocol (KServe v2) routes."""
+"""The /v2 API: the Open Inference Protocol (KServe v2) as Triton serves it, so `tritonclient.http`
+and other KServe clients work unchanged.
 
-from fastapi import APIRouter
+Inputs: `text` (and `text_pair` for pair models), BYTES, shape [N]. Outputs: `label` BYTES [N],
+`label_id` INT64 [N], `probabilities` FP32 [N, classes], `exit_layer` INT32 [N], `uncertainty`
+FP32 [N]. Request parameters: `threshold`, `min_layers`, `max_layers`, `timeout_ms` (as in /v1),
+plus Triton's `binary_data_output`, `timeout` (microseconds) and `priority` (accepted, ignored).
+
+Triton's binary tensor data extension is supported both ways: with the request header
+`Inference-Header-Content-Length: N` the body is N bytes of JSON followed by the raw tensors of
+the inputs that declare `"parameters": {"binary_data_size": K}`, in input order (BYTES elements
+each a 4-byte little-endian length and the UTF-8 bytes); outputs asked for with
+`"binary_data": true` (or every output, with the request parameter `binary_data_output`) come
+back the same way. Request bodies may be gzip or deflate compressed (`Content-Encoding`).
+
+Errors are JSON with an "error" message naming the field (Triton's shape, plus /v1's
+"error_type" and "field"): 400 for a request that does not fit the model, 404 for an unknown
+model or version, and the shared 401/413/429/503/504 of the classification service.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from app.auth import require_api_key
+from app.encoding import TextInput
+from app.registry import LoadedModel
+from app.schemas import ErrorResponse
+from app.service import Classification, RequestError, check_inputs, classify_for_http, timing_headers
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)}
+
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+OUTPUT_NAMES = ("label", "label_id", "probabilities", "exit_layer", "uncertainty")
+# Request parameters: ours, then Triton's own (tritonclient sends binary_data_output, timeout, priority).
+MODEL_PARAMETERS = ("threshold", "min_layers", "max_layers", "timeout_ms")
+KNOWN_PARAMETERS = MODEL_PARAMETERS + ("binary_data_output", "timeout", "priority")
+REQUEST_KEYS = ("id", "inputs", "outputs", "parameters")
+
+
+# -- metadata types (the OpenAPI document of the GET routes) ---------------------------------
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object"},
+                "example": {
+                    "id": "42",
+                    "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+                                "data": ["a gripping, beautifully acted film", "dull"]}],
+                    "parameters": {"threshold": 0.3},
+                    "outputs": [{"name": "label"}, {"name": "exit_layer"}],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary",
+                           "description": f"binary tensor data extension: {HEADER_LENGTH} bytes "
+                                          "of JSON, then the raw input tensors"}},
+        },
+    }
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def bad(field_name: str, message: str, status: int = 400, error_type: str = "validation") -> RequestError:
+    return RequestError(status, field_name, message, error_type)
+
+
+def parse_version(version: str | None) -> int | None:
+    if version is None:
+        return None
+    if not version.isdigit():
+        raise bad("version", f"{version!r} is not a model version (a non-negative integer)")
+    return int(version)
+
+
+def lookup(request: Request, name: str, version: int | None) -> LoadedModel:
+    """The loaded model, or the 404 the classification service gives for it."""
+    registry = request.app.state.registry
+    model = registry.get(name, version)
+    if model is not None:
+        return model
+    if name in registry.versions:
+        raise bad("version", f"model {name!r} has no version {version}; loaded: "
+                  f"{sorted(registry.versions[name])}", 404, "not_found")
+    raise bad("model", f"no model named {name!r}; loaded: {sorted(registry.versions)}", 404, "not_found")
+
+
+def input_names(model: LoadedModel) -> list[str]:
+    return ["text", "text_pair"] if model.manifest.text_pair else ["text"]
+
+
+def model_metadata(request: Request, model: LoadedModel, version: int | None) -> ModelMetadata:
+    versions = [version] if version is not None else sorted(request.app.state.registry.versions[model.name])
+    classes = len(model.manifest.labels)
+    return ModelMetadata(
+        name=model.name, versions=[str(v) for v in versions], platform="offramp",
+        inputs=[TensorMetadata(name=n, datatype="BYTES", shape=[-1]) for n in input_names(model)],
+        outputs=[TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+                 TensorMetadata(name="label_id", datatype="INT64", shape=[-1]),
+                 TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, classes]),
+                 TensorMetadata(name="exit_layer", datatype="INT32", shape=[-1]),
+                 TensorMetadata(name="uncertainty", datatype="FP32", shape=[-1])],
+    )
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- request parsing -------------------------------------------------------------------------
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise bad("content-encoding", f"{encoding!r} is not supported; use gzip, deflate or none", 415,
+                  "unsupported")
+    # gzip: a gzip wrapper; deflate: as HTTP means it (and tritonclient sends it), a zlib stream.
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise bad("body", f"not valid {encoding} data: {exc}") from exc
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise bad("body", f"larger than {limit} bytes once decompressed", 413, "too_large")
+    return data
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of a request."""
+    if header_length is None:
+        return body, b""
+    if not header_length.strip().isdigit():
+        raise bad(HEADER_LENGTH, f"{header_length!r} is not a byte count")
+    size = int(header_length)
+    if size > len(body):
+        raise bad(HEADER_LENGTH, f"{size} exceeds the {len(body)} bytes of the body")
+    return body[:size], body[size:]
+
+
+def parse_json(header: bytes) -> dict:
+    try:
+        payload = json.loads(header)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad("body", f"invalid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise bad("body", "must be a JSON object with 'inputs'")
+    return payload
+
+
+def flatten(data: Any) -> list:
+    """JSON tensor data, flat or nested row-major, as a flat list."""
+    if not isinstance(data, list):
+        return [data]
+    out = []
+    for item in data:
+        out.extend(flatten(item))
+    return out
+
+
+def decode_bytes_tensor(raw: bytes, where: str) -> list[bytes]:
+    """Triton's BYTES serialisation: each element a uint32 little-endian length, then its bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise bad(where, f"truncated BYTES element {len(items)}: {len(raw) - offset} bytes left, "
+                      "a 4-byte length was expected")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise bad(where, f"BYTES element {len(items)} declares {size} bytes, {len(raw) - offset} remain")
+        items.append(raw[offset:offset + size])
+        offset += size
+    return items
+
+
+@dataclass
+class Tensor:
+    name: str
+    field: str  # where it is in the request: "inputs[0]"
+    shape: list[int]
+    texts: list[str]
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    texts: list[TextInput]
+    text_field: str
+    threshold: float | None = None
+    min_layers: int | None = None
+    max_layers: int | None = None
+    timeout_ms: float | None = None
+    outputs: list[RequestedOutput] = field(default_factory=list)
+
+
+def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[str],
+                model: LoadedModel) -> tuple[Tensor, int]:
+    """One input tensor, and the offset in the binary data after it."""
+    where = f"inputs[{index}]"
+    if not isinstance(item, dict):
+        raise bad(where, "must be an object with name, shape, datatype and data")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise bad(f"{where}.name", "a string is required")
+    if name not in names:
+        raise bad(f"{where}.name", f"unexpected inference input {name!r} for model {model.name!r}; "
+                  f"its inputs are {names}")
+    unknown = sorted(set(item) - {"name", "shape", "datatype", "data", "parameters"})
+    if unknown:
+        raise bad(f"{where}.{unknown[0]}", "unknown field; an input has name, shape, datatype, data, parameters")
+    datatype = item.get("datatype")
+    if datatype != "BYTES":
+        raise bad(f"{where}.datatype", f"input {name!r} has datatype BYTES, not {datatype!r}")
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise bad(f"{where}.shape", f"a list of non-negative integers is required, not {shape!r}")
+    if len(shape) != 1:
+        raise bad(f"{where}.shape", f"input {name!r} has shape [-1] (one dimension, one row per text), "
+                  f"not {shape}")
+    count = shape[0]
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad(f"{where}.parameters", "must be an object")
+    for key in parameters:
+        if key != "binary_data_size":
+            raise bad(f"{where}.parameters.{key}", "not supported; an input's only parameter is "
+                      "binary_data_size (shared memory is not)")
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if not is_int(size) or size < 0:
+            raise bad(f"{where}.parameters.binary_data_size", f"a non-negative integer is required, not {size!r}")
+        if "data" in item:
+            raise bad(f"{where}.data", "give either data or parameters.binary_data_size, not both")
+        if offset + size > len(binary):
+            raise bad(f"{where}.parameters.binary_data_size",
+                      f"{size} bytes, but only {len(binary) - offset} bytes of binary data are left "
+                      f"(is the {HEADER_LENGTH} header right?)")
+        elements = decode_bytes_tensor(binary[offset:offset + size], f"{where}.parameters.binary_data_size")
+        offset += size
+        texts = []
+        for i, element in enumerate(elements):
+            try:
+                texts.append(element.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise bad(f"{where}.data[{i}]", f"not UTF-8 text: {exc}") from exc
+    else:
+        if "data" not in item:
+            raise bad(f"{where}.data", f"input {name!r} has no data (and no parameters.binary_data_size)")
+        texts = flatten(item["data"])
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise bad(f"{where}.data[{i}]", f"BYTES data in JSON are strings, not {type(text).__name__}")
+    if len(texts) != count:
+        raise bad(f"{where}.shape", f"shape {shape} holds {count} elements but {len(texts)} were given")
+    return Tensor(name, where, shape, texts), offset
+
+
+def parse_outputs(value: Any, default_binary: bool) -> list[RequestedOutput]:
+    if value is None or value == []:
+        return [RequestedOutput(name, default_binary) for name in OUTPUT_NAMES]
+    if not isinstance(value, list):
+        raise bad("outputs", "a list of {name, parameters} objects is required")
+    outputs, seen = [], set()
+    for index, item in enumerate(value):
+        where = f"outputs[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise bad(f"{where}.name", "an object with a string name is required")
+        name = item["name"]
+        if name not in OUTPUT_NAMES:
+            raise bad(f"{where}.name", f"unexpected inference output {name!r}; the outputs are {list(OUTPUT_NAMES)}")
+        if name in seen:
+            raise bad(f"{where}.name", f"output {name!r} is requested twice")
+        seen.add(name)
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise bad(f"{where}.parameters", "must be an object")
+        for key in parameters:
+            if key != "binary_data":
+                raise bad(f"{where}.parameters.{key}", "not supported; an output's only parameter is "
+                          "binary_data (classification and shared memory are not)")
+        binary = parameters.get("binary_data", default_binary)
+        if not isinstance(binary, bool):
+            raise bad(f"{where}.parameters.binary_data", f"true or false, not {binary!r}")
+        outputs.append(RequestedOutput(name, binary))
+    return outputs
+
+
+def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) -> InferRequest:
+    unknown = sorted(set(payload) - set(REQUEST_KEYS))
+    if unknown:
+        raise bad(unknown[0], f"unknown field; a request has {', '.join(REQUEST_KEYS)}")
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise bad("id", f"a string is required, not {request_id!r}")
+
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad("parameters", "must be an object")
+    for key in parameters:
+        if key not in KNOWN_PARAMETERS:
+            raise bad(f"parameters.{key}", f"unknown parameter; known: {', '.join(KNOWN_PARAMETERS)}")
+    layers = model.manifest.num_layers
+    threshold = parameters.get("threshold")
+    if threshold is not None and not (is_number(threshold) and 0.0 <= threshold <= 1.0):
+        raise bad("parameters.threshold", f"a number in [0, 1] is required, not {threshold!r}")
+    for key in ("min_layers", "max_layers"):
+        value = parameters.get(key)
+        if value is not None and not (is_int(value) and 1 <= value <= layers):
+            raise bad(f"parameters.{key}", f"an integer in the model's layers 1..{layers} is required, "
+                      f"not {value!r}")
+    min_layers, max_layers = parameters.get("min_layers"), parameters.get("max_layers")
+    if min_layers is not None and max_layers is not None and min_layers > max_layers:
+        raise bad("parameters.min_layers", f"{min_layers} exceeds max_layers {max_layers}")
+    timeout_ms = parameters.get("timeout_ms")
+    if timeout_ms is not None and not (is_number(timeout_ms) and timeout_ms > 0):
+        raise bad("parameters.timeout_ms", f"a positive number of milliseconds is required, not {timeout_ms!r}")
+    timeout_us = parameters.get("timeout")  # Triton's, in microseconds
+    if timeout_us is not None and not (is_int(timeout_us) and timeout_us >= 0):
+        raise bad("parameters.timeout", f"a non-negative integer of microseconds is required, not {timeout_us!r}")
+    if timeout_ms is None and timeout_us:
+        timeout_ms = timeout_us / 1000
+    priority = parameters.get("priority")
+    if priority is not None and not (is_int(priority) and priority >= 0):
+        raise bad("parameters.priority", f"a non-negative integer is required, not {priority!r}")
+    default_binary = parameters.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise bad("parameters.binary_data_output", f"true or false, not {default_binary!r}")
+
+    names = input_names(model)
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list):
+        raise bad("inputs", f"a list of input tensors is required; model {model.name!r} takes {names}")
+    tensors: dict[str, Tensor] = {}
+    offset = 0
+    for index, item in enumerate(inputs):
+        tensor, offset = parse_input(item, index, binary, offset, names, model)
+        if tensor.name in tensors:
+            raise bad(f"{tensor.field}.name", f"input {tensor.name!r} is given twice")
+        tensors[tensor.name] = tensor
+    if offset != len(binary):
+        raise bad(HEADER_LENGTH, f"{len(binary) - offset} bytes of binary data after the JSON header "
+                  "belong to no input's binary_data_size")
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise bad("inputs", f"model {model.name!r} needs the input{'s' if len(missing) > 1 else ''} "
+                  f"{missing} (BYTES, shape [-1])")
+    text = tensors["text"]
+    if model.manifest.text_pair:
+        pair = tensors["text_pair"]
+        if pair.shape != text.shape:
+            raise bad(f"{pair.field}.shape", f"{pair.shape} differs from the shape of 'text' {text.shape}")
+        texts: list[TextInput] = [list(p) for p in zip(text.texts, pair.texts)]
+    else:
+        texts = list(text.texts)
+    outputs = parse_outputs(payload.get("outputs"), default_binary)
+    request = InferRequest(request_id, texts, text.field, threshold, min_layers, max_layers, timeout_ms, outputs)
+    try:
+        check_inputs(model, texts, settings, min_layers, max_layers)
+    except RequestError as exc:
+        raise as_v2_error(exc, request) from exc
+    return request
+
+
+def as_v2_error(exc: RequestError, request: InferRequest) -> RequestError:
+    """A classification-service error with /v2's field names (and 400 for its 422s)."""
+    message = str(exc).removeprefix(f"{exc.field}: ")
+    name = exc.field
+    if name == "inputs":
+        name = request.text_field
+    elif name.startswith("inputs["):  # a row: inputs[3] -> inputs[0].data[3]
+        name = f"{request.text_field}.data{name[len('inputs'):]}"
+    elif name in MODEL_PARAMETERS:
+        name = f"parameters.{name}"
+    return RequestError(400 if exc.status == 422 else exc.status, name, message, exc.error_type)
+
+
+# -- response --------------------------------------------------------------------------------
+def output_tensors(result: Classification) -> dict[str, tuple[str, list[int], np.ndarray | list[bytes]]]:
+    rows = result.result
+    labels = result.model.manifest.labels
+    probabilities = np.asarray(rows.probabilities, dtype=np.float32)
+    label_id = probabilities.argmax(axis=1).astype(np.int64)
+    n = len(label_id)
+    return {
+        "label": ("BYTES", [n], [labels[i].encode("utf-8") for i in label_id.tolist()]),
+        "label_id": ("INT64", [n], label_id),
+        "probabilities": ("FP32", list(probabilities.shape), probabilities),
+        "exit_layer": ("INT32", [n], np.asarray(rows.exit_layer, dtype=np.int32)),
+        "uncertainty": ("FP32", [n], np.asarray(rows.uncertainty, dtype=np.float32)),
+    }
+
+
+LITTLE_ENDIAN = {"INT64": "<i8", "INT32": "<i4", "FP32": "<f4"}
+
+
+def infer_response(result: Classification, request: InferRequest) -> Response:
+    tensors = output_tensors(result)
+    outputs, chunks = [], []
+    for wanted in request.outputs:
+        datatype, shape, data = tensors[wanted.name]
+        entry: dict[str, Any] = {"name": wanted.name, "datatype": datatype, "shape": shape}
+        if wanted.binary:
+            if datatype == "BYTES":
+                raw = b"".join(struct.pack("<I", len(b)) + b for b in data)
+            else:
+                raw = np.ascontiguousarray(data, dtype=LITTLE_ENDIAN[datatype]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [b.decode("utf-8") for b in data]
+        else:
+            entry["data"] = np.asarray(data).reshape(-1).tolist()  # row-major, flat
+        outputs.append(entry)
+    rows = result.result
+    body: dict[str, Any] = {"model_name": result.model.name, "model_version": str(result.model.version)}
+    if request.id is not None:
+        body["id"] = request.id
+    body["parameters"] = {"threshold": result.threshold, "layers_executed": rows.layers_executed,
+                          "layers_full": len(rows.exit_layer) * result.model.manifest.num_layers,
+                          "mean_exit_layer": result.mean_exit_layer}
+    body["outputs"] = outputs
+    header = json.dumps(body, separators=(",", ":")).encode()
+    headers = timing_headers(result)
+    if not any(o.binary for o in request.outputs):
+        return Response(header, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(len(header))
+    return Response(header + b"".join(chunks), media_type="application/octet-stream", headers=headers)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    app = request.app
+    try:
+        number = parse_version(version)
+        model = lookup(request, name, number)
+        body = decompress(await request.body(), request.headers.get("content-encoding", ""),
+                          app.state.settings.max_body_bytes)
+        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+        parsed = parse_request(parse_json(header), binary, model, app.state.settings)
+    except RequestError as exc:
+        # Counted like the service counts its own refusals (the service never saw this one).
+        app.state.metrics.requests.labels(name, "v2", str(exc.status)).inc()
+        raise
+    try:
+        result = await classify_for_http(request, name, number, parsed.texts, "v2", parsed.threshold,
+                                         parsed.min_layers, parsed.max_layers, parsed.timeout_ms)
+    except RequestError as exc:
+        raise as_v2_error(exc, parsed) from exc
+    return infer_response(result, parsed)
+
+
+# -- routes ----------------------------------------------------------------------------------
+@router.get("", response_model=ServerMetadata)
+async def server_metadata(request: Request):
+    return ServerMetadata(name="offramp", version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live")
+async def live():
+    return {"live": True}
+
+
+@router.get("/health/ready", responses={503: {"model": ErrorResponse}})
+async def ready(request: Request):
+    """Ready when a model is loaded and the server is not shutting down (as /health/ready)."""
+    if request.app.state.draining:
+        return JSONResponse({"ready": False, "error": "shutting down"}, status_code=503)
+    if request.app.state.registry.default_name is None:
+        return JSONResponse({"ready": False, "error": "no model loaded"}, status_code=503)
+    return {"ready": True}
+
+
+def _model_ready(request: Request, name: str, version: str | None):
+    lookup(request, name, parse_version(version))
+    if request.app.state.draining:
+        raise bad("model", "shutting down", 503, "unavailable")
+    return {"name": name, "ready": True}
+
+
+@router.get("/models/{model}/ready", responses=ERRORS)
+async def model_ready(model: str, request: Request):
+    return _model_ready(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/ready", responses=ERRORS)
+async def model_version_ready(model: str, version: str, request: Request):
+    return _model_ready(request, model, version)
+
+
+@router.get("/models/{model}", response_model=ModelMetadata, responses=ERRORS)
+async def get_model_metadata(model: str, request: Request):
+    return model_metadata(request, lookup(request, model, None), None)
+
+
+@router.get("/models/{model}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
+async def get_model_version_metadata(model: str, version: str, request: Request):
+    number = parse_version(version)
+    return model_metadata(request, lookup(request, model, number), number)
+
+
+@router.post("/models/{model}/infer", responses=ERRORS, openapi_extra=INFER_BODY,
+             dependencies=[Depends(require_api_key)])
+async def infer(model: str, request: Request):
+    return await _infer(request, model, None)
+
+
+@router.post("/models/{model}/versions/{version}/infer", responses=ERRORS, openapi_extra=INFER_BODY,
+             dependencies=[Depends(require_api_key)])
+async def infer_version(model: str, version: str, request: Request):
+    return await _infer(request, model, version)

@@ -83,6 +83,7 @@ class QuantizationReport(BaseModel):
     source_bytes: int
     fp32_dev_accuracy: list[float]  # per layer, full depth last
     int8_dev_accuracy: list[float]
+    batch_dependence: float | None = None  # max |prob diff| of a row between two batchings
 
 
 class Manifest(BaseModel):

@@ -40,3 +40,18 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="log level")
     log_text: bool = Field(False, description="include input texts in request logs")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may take")
+
+
+def reference_table() -> str:
+    """The settings reference of docs/serving.md (`python -m app.settings` prints it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if name == "model_dir":
+            default = "models/ beside the app"
+        rows.append(f"| `OFFRAMP_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_table())

@@ -272,6 +272,8 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
     checkpoint_dir = resolve_checkpoint(manifest, checkpoint) if baseline else None
     engine = Engine(bundle_dir, manifest, intra_op_threads=threads or cpu_quota())
     encoder = TextEncoder.from_file(bundle_dir / manifest.tokenizer, manifest.max_seq_length)
+    # The recommended threshold is what requests get by default: always measure it.
+    thresholds = [*thresholds, manifest.recommended_threshold]
     results = sweep(engine, encoder, inputs, labels, thresholds, batch_size, repeats,
                     latency_rows, progress)
     full = results[0]

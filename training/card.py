@@ -42,6 +42,11 @@ def plot_calibration(manifest: Manifest, path: Path) -> Path:
     return path
 
 
+def _teacher_name(teacher: str) -> str:
+    """A path inside site-packages is shown from the package on (the rest is this machine's)."""
+    return teacher.split("site-packages/", 1)[1] if "site-packages/" in teacher else teacher
+
+
 def _calibration_rows(manifest: Manifest) -> list[str]:
     rows = ["| threshold | dev accuracy | mean exit layer | ideal speedup | measured speedup |",
             "|---:|---:|---:|---:|---:|"]
@@ -83,7 +88,8 @@ def write_model_card(bundle: Path, bench_json: Path | None = None, notes: Path |
         f"Early-exit text classifier: {m.num_layers} layers, an exit after every layer "
         f"({m.exit_head} head), labels {m.labels}, served by `offramp serve`.", "",
         "## Data and teacher",
-        f"- Backbone / teacher: `{Path(p.teacher).name if p.teacher else '?'}` ({m.num_layers} layers, hidden {m.hidden_size}).",
+        f"- Backbone / teacher: `{_teacher_name(p.teacher)}` ({m.num_layers} layers, hidden {m.hidden_size}), "
+        "fine-tuned here as the teacher classifier, then its exits self-distilled.",
     ]
     for role in ("train", "dev", "unlabeled"):
         record = getattr(p, role)

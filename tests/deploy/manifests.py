@@ -49,11 +49,28 @@ def routes() -> dict[str, set[str]]:
     return {r.path: set(r.methods) for r in app.routes if isinstance(r, APIRoute)}
 
 
-def graceful_shutdown_seconds() -> int:
-    """uvicorn's timeout_graceful_shutdown as `offramp serve` passes it (app/cli.py)."""
+def drain_seconds(config: dict[str, str]) -> float:
+    """How long the server may take to drain on SIGTERM under these OFFRAMP_* values: its
+    drain-timeout setting where it has one, else the literal app/cli.py passes to uvicorn."""
+    from app.settings import Settings
+
+    if "drain_timeout_s" in Settings.model_fields:
+        return float(settings_from(config).drain_timeout_s)
     match = re.search(r"timeout_graceful_shutdown\s*=\s*(\d+)", (ROOT / "app" / "cli.py").read_text())
     assert match, "app/cli.py no longer passes timeout_graceful_shutdown to uvicorn"
-    return int(match.group(1))
+    return float(match.group(1))
+
+
+def settings_from(config: dict[str, str]):
+    """The server's Settings as these OFFRAMP_* variables (and nothing else) make them."""
+    import os
+    from unittest import mock
+
+    from app.settings import Settings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFRAMP_")}
+    with mock.patch.dict(os.environ, {**env, **config}, clear=True):
+        return Settings()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ server also run on the base as written, so they need neither."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.deploy.manifests import (
@@ -18,7 +16,7 @@ from tests.deploy.manifests import (
     base_without_kustomize,
     config_data,
     container,
-    graceful_shutdown_seconds,
+    drain_seconds,
     kubectl,
     load_files,
     one,
@@ -26,6 +24,7 @@ from tests.deploy.manifests import (
     render,
     routes,
     setting_names,
+    settings_from,
 )
 
 needs_kubectl = pytest.mark.skipif(kubectl() is None, reason="kubectl not installed (.ci/run installs it)")
@@ -52,30 +51,31 @@ def test_renders_every_kind(kustomization):
 
 
 def _validator():
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed "
-                             "(.ci/run's deployment step installs it)")
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed "
+                        "(.ci/run's deployment step installs it)")
     from kubernetes_validate import utils
 
-    versions = utils.all_versions() if hasattr(utils, "all_versions") else None
-    latest = utils.latest_version()
-    oldest = OLDEST_K8S
-    if versions:  # the schema set names versions like 1.25.0
-        oldest = min((v for v in versions if v.startswith(OLDEST_K8S + ".")), default=oldest,
-                     key=lambda v: tuple(int(x) for x in v.split(".")))
-    return kv, sorted({oldest, latest})
+    versions = utils.all_versions()  # the schema sets it ships, e.g. 1.25.0
+
+    def key(v):
+        return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+    oldest = [v for v in versions if v.startswith(OLDEST_K8S + ".")]
+    assert oldest, f"kubernetes-validate has no schemas for Kubernetes {OLDEST_K8S}"
+    return utils, sorted({min(oldest, key=key), max(versions, key=key)}, key=key)
 
 
 def _validate(docs: list[dict]) -> None:
-    kv, versions = _validator()
+    utils, versions = _validator()
     for version in versions:
         for doc in docs:
             name = f"{doc['kind']}/{doc['metadata']['name']}"
             try:
-                kv.validate(doc, version, strict=True)
-            except kv.ValidationError as exc:  # jsonschema's, with the path to the bad field
+                utils.validate(doc, version, strict=True)
+            except utils.ValidationError as exc:  # jsonschema's, with the path to the bad field
                 pytest.fail(f"{name} is not valid for Kubernetes {version}: "
                             f"{'.'.join(map(str, exc.path))}: {exc.message}")
-            except Exception as exc:  # kubernetes-validate's own errors (unknown kind, version)
+            except Exception as exc:  # unknown kind or version: a failure too
                 pytest.fail(f"{name} could not be validated for Kubernetes {version}: "
                             f"{getattr(exc, 'message', exc)}")
 
@@ -137,7 +137,7 @@ def test_service_and_policies_select_the_pods(source):
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_environment_names_are_server_settings(source, monkeypatch):
+def test_environment_names_are_server_settings(source):
     docs = _documents(source)
     deployment = one(docs, "Deployment")
     c = container(deployment)
@@ -150,14 +150,7 @@ def test_environment_names_are_server_settings(source, monkeypatch):
             assert name in known | PENDING_SETTINGS, f"{name} is not a server setting ({sorted(known)})"
 
     # The values parse as the server's settings (types, provider cpu|cuda, ...).
-    from app.settings import Settings
-
-    for name in list(os.environ):
-        if name.startswith("OFFRAMP_"):
-            monkeypatch.delenv(name)
-    for name, value in data.items():
-        monkeypatch.setenv(name, value)
-    settings = Settings()
+    settings = settings_from(data)
     assert settings.host == "0.0.0.0", "in a pod the server must listen on every interface"
     assert str(settings.model_dir) == "/models"
 
@@ -195,8 +188,9 @@ def test_security_resources_and_shutdown(source):
     assert pre_stop[0] == "sleep"
     pause = int(pre_stop[1])
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > pause + graceful_shutdown_seconds(), \
-        f"terminationGracePeriodSeconds {grace} must exceed preStop {pause} s + drain {graceful_shutdown_seconds()} s"
+    drain = drain_seconds(config_data(docs, deployment))
+    assert grace > pause + drain, \
+        f"terminationGracePeriodSeconds {grace} must exceed preStop {pause} s + drain {drain} s"
 
 
 @needs_kubectl
@@ -213,9 +207,22 @@ def test_gpu_overlay_asks_for_a_gpu():
 
 
 @needs_kubectl
-def test_queue_time_variant_scales_on_the_adapter_metric():
-    hpa = one(render("variants/hpa-queue-time"), "HorizontalPodAutoscaler")
+def test_queue_time_variant_scales_on_the_servers_queue_histogram():
+    docs = render("variants/hpa-queue-time")
+    hpa = one(docs, "HorizontalPodAutoscaler")
     pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
-    assert pods == ["offramp_queue_seconds_p95"]
+    assert pods == ["offramp_queue_duration_seconds_p95"]
     rules = load_files(K8S / "variants" / "hpa-queue-time" / "prometheus-adapter-values.yaml")[0]
-    assert [r["name"]["as"] for r in rules["rules"]["custom"]] == pods
+    rule, = rules["rules"]["custom"]
+    assert rule["name"]["as"] in pods
+
+    # The series the adapter reads is a histogram the server really exports, on a real route.
+    from app.metrics import Metrics
+
+    histograms = {m.name for m in Metrics().registry.collect() if m.type == "histogram"}
+    series = rule["name"]["matches"].strip("^$")
+    assert series.removesuffix("_bucket") in histograms, f"the server exports no {series}"
+    deployment = one(docs, "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] in routes()
+    assert annotations["prometheus.io/port"] == config_data(docs, deployment)["OFFRAMP_PORT"]
