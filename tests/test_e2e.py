@@ -20,7 +20,7 @@ def server(tiny_bundle):
     proc, url = start_server(tiny_bundle["models"])
     yield url
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after draining
 
 
 def predict(url: str, **body) -> dict:

@@ -32,7 +32,8 @@ def test_sigterm_drains_accepted_requests(tiny_bundle):
     proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=120)
-    assert proc.wait(timeout=60) == 0
+    # uvicorn re-raises the signal once it has shut down gracefully: killed by SIGTERM, not crashed.
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     log = proc.stdout.read()
     assert outcomes.count(200) == 16, (outcomes, log[-2000:])
     assert '"event": "predict"' in log  # structured request log lines

@@ -125,7 +125,7 @@ mapfile -t CMD < <(printf '%s' "$cmd" | "$PY" -c 'import json, sys; print("\n".j
 [ "${#CMD[@]}" -ge 1 ] || fail "the image has no exec-form CMD"
 
 # --- 3. a container from the image; what is (not) in it ------------------------------------------
-CTR=$(timeout 120 "${BUILDAH[@]}" from --pull-never --name "offramp-ci-$$" "$IMAGE")
+CTR=$(timeout 120 "${BUILDAH[@]}" from --pull=never --name "offramp-ci-$$" "$IMAGE")
 say "container $CTR"
 crun() { timeout 120 "${BUILDAH[@]}" run --isolation chroot "$CTR" -- "$@"; }
 uid=$(crun id -u)
