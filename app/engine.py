@@ -58,6 +58,7 @@ class Engine:
         manifest: Manifest | None = None,
         provider: str = "cpu",
         intra_op_threads: int | None = None,
+        io_binding: bool | None = None,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or read_manifest(self.bundle_dir)
@@ -82,6 +83,47 @@ class Engine:
         self.active_provider = self.embeddings.get_providers()[0]
         # Position-only embeddings need no mask, and the exporter drops unused inputs.
         self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
+        # With I/O binding the hidden states stay on the provider's device from layer to
+        # layer; only the small logits come back. Default: on wherever the device is not the CPU.
+        self.device = "cuda" if self.active_provider == PROVIDERS["cuda"] else "cpu"
+        self.io_binding = self.device != "cpu" if io_binding is None else io_binding
+
+    def _bound_run(self, session: ort.InferenceSession, inputs: dict, outputs: dict[str, str]) -> list:
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, device in outputs.items():
+            binding.bind_output(name, device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _embed_state(self, batch: EncodedBatch):
+        """The embeddings as the next layer takes them: numpy, or an OrtValue on the device."""
+        if not self.io_binding:
+            return self.embed(batch)
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                 "token_type_ids": batch.token_type_ids}
+        (hidden,) = self._bound_run(self.embeddings, {k: v for k, v in feeds.items()
+                                                      if k in self._embedding_inputs}, {"hidden": self.device})
+        return hidden
+
+    def _layer_state(self, index: int, hidden, attention_mask: np.ndarray):
+        if not self.io_binding:
+            return self.layer(index, hidden, attention_mask)
+        hidden, logits = self._bound_run(self.layers[index], {"hidden": hidden, "attention_mask": attention_mask},
+                                         {"hidden_out": self.device, "logits": "cpu"})
+        return hidden, logits.numpy()
+
+    def _select(self, hidden, rows: np.ndarray, longest: int):
+        """The staying rows, trimmed to their longest; on the device this is one round trip,
+        paid only at layers where some but not all rows leave."""
+        if not self.io_binding:
+            return hidden[rows, :longest]
+        kept = np.ascontiguousarray(hidden.numpy()[rows, :longest])
+        return ort.OrtValue.ortvalue_from_numpy(kept, self.device, 0)
 
     def embed(self, batch: EncodedBatch) -> np.ndarray:
         feeds = {
@@ -116,10 +158,10 @@ class Engine:
         uncertainty = np.zeros(rows, dtype=np.float32)
 
         active = np.arange(rows)  # original row index of each row still running
-        hidden, mask = self.embed(batch), batch.attention_mask
+        hidden, mask = self._embed_state(batch), batch.attention_mask
         for index in range(self.num_layers):
             layer = index + 1
-            hidden, logits = self.layer(index, hidden, mask)
+            hidden, logits = self._layer_state(index, hidden, mask)
             probs = softmax(logits)
             u = normalized_entropy(probs)
             leaving = exits_at(
@@ -135,14 +177,14 @@ class Engine:
                     break
                 active = active[staying]
                 longest = int(mask[staying].sum(axis=1).max())
-                hidden = hidden[staying, :longest]
+                hidden = self._select(hidden, staying, longest)
                 mask = mask[staying, :longest]
         return ExitResult(probabilities, exit_layer, uncertainty)
 
     def all_layer_probabilities(self, batch: EncodedBatch) -> np.ndarray:
         """Probabilities of every exit for every row, [layers, rows, classes] (full depth)."""
-        hidden, out = self.embed(batch), []
+        hidden, out = self._embed_state(batch), []
         for index in range(self.num_layers):
-            hidden, logits = self.layer(index, hidden, batch.attention_mask)
+            hidden, logits = self._layer_state(index, hidden, batch.attention_mask)
             out.append(softmax(logits))
         return np.stack(out)

@@ -84,3 +84,17 @@ def test_cuda_falls_back_to_cpu_with_a_warning(tiny_bundle, caplog):
     else:
         assert engine.active_provider == "CPUExecutionProvider"
         assert "CUDA provider requested but not available" in caplog.text
+
+
+def test_io_binding_path_gives_the_same_answers(tiny_bundle):
+    """The path CUDA uses (hidden states kept as OrtValues between layers), run on the CPU."""
+    plain = Engine(tiny_bundle["bundle"], intra_op_threads=1)
+    bound = Engine(tiny_bundle["bundle"], intra_op_threads=1, io_binding=True)
+    assert bound.io_binding and not plain.io_binding
+    model = load_model(tiny_bundle["bundle"])
+    batch = model.encoder.encode(TEXTS)
+    thresholds = np.array([0.0, 0.999, 0.5, 1.0, 0.9995], dtype=np.float32)
+    a, b = plain.run(batch, thresholds), bound.run(batch, thresholds)
+    assert a.exit_layer.tolist() == b.exit_layer.tolist()
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+    np.testing.assert_allclose(plain.all_layer_probabilities(batch), bound.all_layer_probabilities(batch), atol=1e-6)
