@@ -31,6 +31,12 @@ RUN apt-get update \
         python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
+FROM gpu-base AS gpu-bundles
+COPY . /context
+RUN mkdir -p /models \
+ && if [ -d /context/models ]; then cp -R /context/models/. /models/; fi \
+ && chmod -R a+rX,go-w /models
+
 FROM gpu-base AS gpu-builder
 COPY pyproject.toml README.md /src/
 COPY app /src/app
@@ -53,7 +59,7 @@ RUN if command -v useradd >/dev/null; then \
         && echo 'offramp:x:10001:10001::/tmp:/usr/sbin/nologin' >> /etc/passwd; \
     fi
 COPY --from=gpu-builder /opt/venv /opt/venv
-COPY --from=bundles /models /models
+COPY --from=gpu-bundles /models /models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -90,7 +90,12 @@ else
     bookworm "$ROOTFS" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
     || { tail -n 30 "$WORK/debootstrap.log"; fail "debootstrap"; }
   unmount_under "$ROOTFS"
-  rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/debootstrap
+  # Slim it the way the official slim images are: no apt caches, docs (copyright files stay),
+  # manual pages or message catalogues.
+  rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/debootstrap \
+    "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/info/*
+  find "$ROOTFS"/usr/share/doc -type f ! -name copyright -delete
+  find "$ROOTFS"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
   say "import the rootfs as $BASE"
   tar -C "$ROOTFS" --numeric-owner -c . | timeout 600 "${PODMAN[@]}" import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -211,7 +216,11 @@ done
 status=0
 wait "$RUN_PID" || status=$?
 RUN_PID=""
-[ "$status" = 0 ] || fail "the server exited $status after SIGTERM"
-say "stopped in $((SECONDS - stop_start)) s, exit 0"
+# uvicorn shuts down gracefully on SIGTERM, then raises the signal again so that the process ends
+# the way its parent expects (killed by SIGTERM, 143 under Docker and Kubernetes); buildah run
+# reports that as 1. Either way the log must show the graceful end.
+grep -q "Application shutdown complete" "$LOG" && grep -q "Finished server process" "$LOG" \
+  || fail "no graceful shutdown after SIGTERM (buildah run exited $status)"
+say "stopped gracefully in $((SECONDS - stop_start)) s (buildah run exit $status)"
 say "PASSED: image $IMAGE, $size_mb MB, served a prediction, stopped cleanly (total ${SECONDS} s)"
 echo "container: 1 passed, 0 failed"

@@ -70,7 +70,7 @@ def test_environment_is_server_settings(stage):
     assert env["OFFRAMP_HOST"] == "0.0.0.0"
     assert env["OFFRAMP_MODEL_DIR"] == "/models"
     assert s.last("EXPOSE").split("/")[0] == env["OFFRAMP_PORT"]
-    assert any(args.endswith(" /models") and "--from=bundles" in args for args in s.all("COPY")), \
+    assert any(args.endswith(" /models") and "bundles " in args for args in s.all("COPY")), \
         f"{stage}: the bundles of models/ must be copied to /models"
 
 
