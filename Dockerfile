@@ -52,8 +52,8 @@ RUN if [ -f /etc/ssl/certs/ca-certificates.crt ]; then export PIP_CERT=/etc/ssl/
 
 FROM gpu-base AS gpu
 RUN if command -v useradd >/dev/null; then \
-        groupadd --system --gid 10001 offramp \
-        && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin offramp; \
+        groupadd --gid 10001 offramp \
+        && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin offramp; \
     else \
         echo 'offramp:x:10001:' >> /etc/group \
         && echo 'offramp:x:10001:10001::/tmp:/usr/sbin/nologin' >> /etc/passwd; \
@@ -94,8 +94,8 @@ RUN if [ -f /etc/ssl/certs/ca-certificates.crt ]; then export PIP_CERT=/etc/ssl/
 # CPU runtime (the default target).
 FROM ${BASE_IMAGE} AS runtime
 RUN if command -v useradd >/dev/null; then \
-        groupadd --system --gid 10001 offramp \
-        && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin offramp; \
+        groupadd --gid 10001 offramp \
+        && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin offramp; \
     else \
         echo 'offramp:x:10001:' >> /etc/group \
         && echo 'offramp:x:10001:10001::/tmp:/usr/sbin/nologin' >> /etc/passwd; \

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -20,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.server import create_app
 from app.settings import Settings
+from tests.serving import start_server
 from training.data import read_examples
 
 tritonhttp = pytest.importorskip("tritonclient.http")
@@ -28,36 +24,13 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 OUTPUTS = ["label", "label_id", "probabilities", "exit_layer", "uncertainty"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
     """host:port of a real `offramp serve` over the tiny bundle."""
-    port = free_port()
-    env = {**os.environ, "OFFRAMP_MODEL_DIR": str(tiny_bundle["models"]), "OFFRAMP_INTRA_OP_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("server exited:\n" + proc.stdout.read())
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server not ready within 60 s")
-    yield url
+    proc, url = start_server(tiny_bundle["models"])
+    yield url.removeprefix("http://")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after draining
 
 
 @pytest.fixture(scope="module")
