@@ -34,7 +34,7 @@ say() { printf '[container-test %s +%ss] %s\n' "$(date +%T)" "$SECONDS" "$*"; }
 fail() { say "FAILED: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || fail "needs root (debootstrap, podman and buildah with chroot isolation)"
-for tool in podman buildah debootstrap tar "$PY"; do
+for tool in podman buildah debootstrap tar ps "$PY"; do
   command -v "$tool" >/dev/null || fail "$tool is not installed (tests/deploy/ci.sh installs it)"
 done
 mkdir -p "$WORK"
@@ -113,6 +113,7 @@ timeout 1800 "${PODMAN[@]}" build --isolation chroot --format docker --pull=neve
   --build-arg BASE_IMAGE="$BASE" --target runtime -t "$IMAGE" -f Dockerfile . \
   >"$WORK/build.log" 2>&1 || { tail -n 60 "$WORK/build.log"; fail "podman build"; }
 say "built $IMAGE in $((SECONDS - build_start)) s"
+"${PODMAN[@]}" image prune -f >/dev/null 2>&1 || true  # earlier builds' images; the layer cache stays
 
 inspect() { "${PODMAN[@]}" image inspect --format "$1" "$IMAGE"; }
 size=$(inspect '{{.Size}}')
