@@ -28,9 +28,6 @@ if [ ${#missing[@]} -gt 0 ] || ! command -v kubectl >/dev/null; then
   fi
 fi
 
-# The Kubernetes schemas, offline (they ship inside the package).
-.venv/bin/pip install -q kubernetes-validate
-
 # Manifests and Dockerfile, now with kubectl and the schemas: nothing may be skipped here.
 log=$(mktemp)
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/deploy | tee "$log"
