@@ -75,16 +75,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, batching: bool, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, capture_output: bool = False, ready_timeout_s: float = 120,
+                 **settings) -> tuple[subprocess.Popen, str]:
+    """`offramp serve` on a free loopback port with OFFRAMP_<NAME> settings, once it is ready.
+    With capture_output, its log is readable from proc.stdout."""
     port = _free_port()
-    env = {**os.environ, "OFFRAMP_MODEL_DIR": str(model_dir), "OFFRAMP_BATCHING": str(batching).lower(),
-           "OFFRAMP_LOG_LEVEL": "warning"}
-    if threads:
-        env["OFFRAMP_INTRA_OP_THREADS"] = str(threads)
+    env = {**os.environ, "OFFRAMP_MODEL_DIR": str(model_dir),
+           **{f"OFFRAMP_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+              for k, v in settings.items() if v is not None}}
+    out = subprocess.PIPE if capture_output else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
@@ -92,10 +95,11 @@ def start_server(model_dir: Path, batching: bool, threads: int | None) -> tuple[
         except httpx.TransportError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        time.sleep(0.3)
+            log = proc.stdout.read() if capture_output else ""
+            raise RuntimeError(f"server exited with {proc.returncode}\n{log}")
+        time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server not ready within 120 s")
+    raise RuntimeError(f"server not ready within {ready_timeout_s:g} s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     if args.compare_batching:
         for batching in (True, False):
-            proc, url = start_server(args.model_dir, batching, args.threads)
+            proc, url = start_server(args.model_dir, batching=batching, intra_op_threads=args.threads,
+                                     log_level="warning")
             try:
                 runs["batching" if batching else "no_batching"] = asyncio.run(
                     run_load(url, args.model, texts, args.clients, args.requests, args.threshold))
