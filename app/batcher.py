@@ -123,38 +123,48 @@ class Batcher:
 
     # -- the worker --------------------------------------------------------------------------
     async def _run(self) -> None:
+        idle = True
         while True:
             if not self._pending:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                idle = True
                 continue
-            # A short wait lets concurrent requests arrive and share the batch.
-            oldest = self._pending[0][0].enqueued
-            wait = oldest + self.max_wait_s - time.monotonic()
-            if wait > 0 and self.merge_requests and len(self._pending) < self.max_batch_rows and not self._closing:
-                await asyncio.sleep(wait)
-            await self._drop_abandoned()
-            chosen = self._choose()
+            if idle and self.merge_requests and not self._closing:
+                # Only an idle worker waits (briefly) for company: rows that queued while the
+                # previous batch ran go next at once, so the engine never idles on purpose.
+                wait = self._pending[0][0].enqueued + self.max_wait_s - time.monotonic()
+                if wait > 0 and len(self._pending) < self.max_batch_rows:
+                    await asyncio.sleep(wait)
+            idle = False
+            chosen = await self._without_abandoned(self._choose())
             if chosen:
                 await self._compute(chosen)
 
-    async def _drop_abandoned(self) -> None:
+    async def _without_abandoned(self, chosen: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+        """The chosen rows less those of requests that gave up, expired or lost their client;
+        those requests' other queued rows are dropped too. Checked just before computing, once
+        per request and batch, so the cost does not grow with the queue."""
         now = time.monotonic()
-        for job in _unique(j for j, _ in self._pending):
+        dropped = set()
+        for job in _unique(j for j, _ in chosen):
             reason = None
             if job.future.done():  # the request gave up (its own timeout) while queued
-                reason = asyncio.CancelledError()
+                reason = "request cancelled"
             elif job.deadline is not None and now > job.deadline:
                 reason = DeadlineExceeded("deadline passed while queued")
             elif job.is_disconnected is not None and await job.is_disconnected():
                 reason = ConnectionAbortedError("client disconnected")
             if reason is not None:
-                self._pending = [(j, r) for j, r in self._pending if j is not job]
-                log.info("dropped %d queued rows: %s", job.rows, reason or "request cancelled")
+                dropped.add(id(job))
+                log.info("dropped %d queued rows: %s", job.rows, reason)
                 if not job.future.done():
                     job.future.set_exception(reason)
+        if dropped:
+            self._pending = [(j, r) for j, r in self._pending if id(j) not in dropped]
+        return [(j, r) for j, r in chosen if id(j) not in dropped]
 
     def _choose(self) -> list[tuple[Job, int]]:
         """The oldest row plus the waiting rows closest to it in length, within the budgets."""

@@ -171,3 +171,10 @@ def register(subparsers) -> None:
     add_task_arguments(fastbert)
     add_recipe_arguments(fastbert, FastBertConfig)
     fastbert.set_defaults(func=run_fastbert)
+
+    from training.distill_cli import add_distill_arguments, run_distill
+
+    distill = methods.add_parser("distill", help="distil a fastbert teacher checkpoint into a smaller "
+                                 "student (DistilBERT, TinyBERT, PKD, MobileBERT), then give it exits")
+    add_distill_arguments(distill)
+    distill.set_defaults(func=run_distill)

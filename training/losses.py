@@ -26,3 +26,88 @@ def self_distillation(teacher_logits: torch.Tensor,
     """FastBERT stage 3: sum_i KL(p_teacher || p_exit_i) over the exits below the teacher."""
     teacher = teacher_logits.detach()
     return torch.stack([kl_to_teacher(teacher, z) for z in exit_logits]).sum()
+
+
+# -- knowledge distillation (docs/distillation.md) --------------------------------------------
+# Shapes: logits [rows, classes]; hidden [rows, tokens, width]; attention [rows, heads, t, t];
+# attention_mask [rows, tokens] with 1 for real tokens.
+
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss T^2 * KL(softmax(t/T) || softmax(s/T)), batchmean.
+    The T^2 keeps its gradients the same size whatever T (DistilBERT a_ce term, PKD a term)."""
+    return temperature ** 2 * kl_to_teacher(teacher_logits.detach(), student_logits, temperature)
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """TinyBERT prediction loss -sum_c softmax(t/T)_c * log_softmax(s/T)_c, mean over rows."""
+    target = F.softmax(teacher_logits.detach() / temperature, dim=-1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+
+
+def _token_weights(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(like.shape[:2], dtype=like.dtype, device=like.device)
+    return attention_mask.to(like.dtype)
+
+
+def cosine_embedding(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DistilBERT L_cos = mean over real tokens of 1 - cos(h_s, h_t) (torch's
+    CosineEmbeddingLoss with target 1 on the non-padding positions)."""
+    weights = _token_weights(attention_mask, student_hidden)
+    cos = F.cosine_similarity(student_hidden, teacher_hidden.detach(), dim=-1)
+    return ((1.0 - cos) * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TinyBERT L_hidn = MSE(H_s W_h, H_t) (pass the projected student states), also L_embd with
+    the embeddings: mean of (h_s - h_t)^2 over the real tokens' elements (padding left out)."""
+    weights = _token_weights(attention_mask, student_hidden)
+    squared = (student_hidden - teacher_hidden.detach()).pow(2).sum(-1)
+    return (squared * weights).sum() / (weights.sum().clamp(min=1.0) * student_hidden.size(-1))
+
+
+def feature_map_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MobileBERT feature-map transfer: MSE(LN(h_s), LN(h_t)) over the real tokens, LN a layer
+    normalisation without parameters (zero mean, unit variance over the width)."""
+    width = (student_hidden.size(-1),)
+    return hidden_mse(F.layer_norm(student_hidden, width), F.layer_norm(teacher_hidden, width),
+                      attention_mask)
+
+
+def _pair_mask(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[rows, tokens] -> [rows, 1, t, t]: 1 where both the query and the key are real tokens."""
+    m = attention_mask.to(like.dtype)
+    return (m[:, :, None] * m[:, None, :])[:, None]
+
+
+def attention_score_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+    """TinyBERT L_attn = 1/h sum_i MSE(A_s_i, A_t_i) on the pre-softmax scores q k^T / sqrt(d),
+    masked positions (padding query or key) zeroed on both sides, as the reference does; the
+    mean runs over every [rows, heads, t, t] entry."""
+    keep = _pair_mask(attention_mask, student_scores)
+    return F.mse_loss(student_scores * keep, teacher_scores.detach() * keep)
+
+
+def attention_kl(teacher_scores: torch.Tensor, student_scores: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """MobileBERT attention transfer: KL(A_t || A_s) with A = softmax(scores + mask) over the
+    keys, averaged over heads and real query positions."""
+    bias = (1.0 - attention_mask[:, None, None, :].to(student_scores.dtype)) * -1e9
+    log_a_s = F.log_softmax(student_scores + bias, dim=-1)
+    log_a_t = F.log_softmax(teacher_scores.detach() + bias, dim=-1)
+    kl = (log_a_t.exp() * (log_a_t - log_a_s)).sum(-1)  # [rows, heads, queries]
+    weights = attention_mask[:, None, :].to(kl.dtype).expand_as(kl)
+    return (kl * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def normalized_cls_mse(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.Tensor:
+    """PKD L_PT = sum_j || h_s_j / |h_s_j| - h_t_j / |h_t_j| ||^2 over the supervised layers'
+    [CLS] vectors ([rows, layers, width]), averaged, as the reference's MSELoss does, over rows,
+    layers and width (this average is what its b = 500 is tuned for)."""
+    return F.mse_loss(F.normalize(student_cls, dim=-1), F.normalize(teacher_cls.detach(), dim=-1))

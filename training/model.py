@@ -138,13 +138,21 @@ class EarlyExitModel(nn.Module):
         torch.save(self.heads.state_dict(), directory / HEADS_FILE)
         meta = {"num_labels": self.num_labels, "exit_head": self.exit_head,
                 "teacher_head": self.teacher_head, "head_width": self.head_width, **(extra or {})}
+        if getattr(self.backbone, "backbone_kind", None):  # not a transformers model (MobileBERT)
+            meta["backbone_kind"] = self.backbone.backbone_kind
         (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> tuple[EarlyExitModel, dict]:
         directory = Path(directory)
         meta = json.loads((directory / CHECKPOINT_META).read_text())
-        model = cls(load_backbone(directory), meta["num_labels"], meta["exit_head"],
+        if meta.get("backbone_kind") == "mobilebert":
+            from training.mobilebert import MobileBertBackbone
+
+            backbone = MobileBertBackbone.from_pretrained(directory)
+        else:
+            backbone = load_backbone(directory)
+        model = cls(backbone, meta["num_labels"], meta["exit_head"],
                     meta["head_width"], teacher_head=meta.get("teacher_head"))
         model.heads.load_state_dict(torch.load(directory / HEADS_FILE, weights_only=True))
         return model.eval(), meta
