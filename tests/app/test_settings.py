@@ -8,10 +8,10 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 def test_environment_variables_are_read(monkeypatch):
     monkeypatch.setenv("OFFRAMP_PORT", "9123")
     monkeypatch.setenv("OFFRAMP_BATCHING", "false")
-    monkeypatch.setenv("OFFRAMP_API_KEY", "k")
+    monkeypatch.setenv("OFFRAMP_API_KEY", "s3cr3t-value")
     settings = Settings()
     assert settings.port == 9123 and settings.batching is False
-    assert settings.api_key.get_secret_value() == "k" and "k" not in repr(settings)
+    assert settings.api_key.get_secret_value() == "s3cr3t-value" and "s3cr3t" not in repr(settings)
 
 
 def test_the_settings_reference_in_the_docs_is_current():
