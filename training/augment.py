@@ -63,11 +63,13 @@ class WordReplacer:
 
     def replace(self, text: str, p: float, rng: random.Random) -> str:
         """Each word with candidates becomes, with probability p, one of them (uniformly)."""
-        out = []
+        out, replaced = [], False
         for word in text.split():
             candidates = self.neighbours.get(_normalise(self.tokenizer, word))
-            out.append(rng.choice(candidates) if candidates and rng.random() < p else word)
-        return " ".join(out)
+            if candidates and rng.random() < p:
+                word, replaced = rng.choice(candidates), True
+            out.append(word)
+        return " ".join(out) if replaced else text
 
 
 def augment_examples(examples: Sequence[Example], tokenizer: Tokenizer, embeddings: torch.Tensor,

@@ -3,8 +3,6 @@ cache, augmentation, the MobileBERT backbone and progressive transfer, CLI check
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -94,7 +92,7 @@ def test_distilbert_student_layer_i_equals_the_teacher_layer_it_was_copied_from(
 
 def test_pkd_student_is_the_first_k_teacher_layers():
     teacher = tiny_teacher_model(layers=4)
-    student = student_like_teacher(teacher, range(1, 4), PkdConfig(head_width=8))
+    student = student_like_teacher(teacher, range(1, 4), PkdConfig(head_width=8)).eval()
     b = batch()
     with torch.no_grad():
         ours = student.hidden_states(*b.inputs())
@@ -212,16 +210,17 @@ def test_teacher_must_be_an_early_exit_checkpoint(tiny_bundle, tiny_teacher_dir)
 
 
 def test_progressive_transfer_trains_one_block_and_freezes_the_ones_below(teacher, tiny_task):
-    student = tiny_mobilebert(teacher, stage_epochs=1.0, stage_lr=1e-2, batch_size=16)
-    student.config.vocab_size = teacher.config.vocab_size
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    transfer_stage(student, teacher, tiny_task, student_cfg := MobileBertConfig(
-        stage_epochs=1.0, stage_lr=1e-2, batch_size=16), [1, 2, 3], stage=2)
-    after = student.state_dict()
-    changed = {k.split(".")[3] if k.startswith("backbone.encoder") else k.split(".")[1]
-               for k in after if not torch.equal(before[k], after[k])}
-    assert changed == {"1"}, changed  # only block 2 (index 1): embeddings, block 1 and block 3 as they were
-    assert student_cfg.fmt_weight == 100.0
+    torch.manual_seed(0)
+    cfg = MobileBertConfig(student_layers=3, student_hidden=8, num_ffn=2, head_width=8,
+                           stage_epochs=1.0, stage_lr=1e-2, batch_size=16)
+    student = mobilebert_student(teacher, cfg)
+    parts = {"embeddings": student.backbone.embeddings, "heads": student.heads,
+             **{f"block {i + 1}": block for i, block in enumerate(student.layers)}}
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
+    transfer_stage(student, teacher, tiny_task, cfg, [1, 2, 3], stage=2)
+    changed = {name for name, m in parts.items()
+               if any(not torch.equal(v, before[name][k]) for k, v in m.state_dict().items())}
+    assert changed == {"block 2"}  # embeddings and block 1 frozen, block 3 not reached yet
 
 
 # -- augmentation -------------------------------------------------------------------------------
@@ -257,7 +256,6 @@ def test_augmentation_is_deterministic_labels_only_originals(tiny_teacher_dir, t
     assert one == two and one[:20] == examples
     copies = one[20:]
     assert 20 < len(copies) <= 60 and all(e.label is None for e in copies)
-    assert all(c.text not in {e.text for e in examples} for c in copies[:5])
     assert augment_examples(examples, tok, table, copies=3, p=0.0, seed=7) == examples  # no change, no copy
     changed = [sum(a != b for a, b in zip(c.text.split(), e.text.split()))
                for c, e in zip(augment_examples(examples[:1], tok, table, copies=50, p=0.4, seed=1)[1:],
