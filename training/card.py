@@ -98,7 +98,7 @@ def write_model_card(bundle: Path, bench_json: Path | None = None, notes: Path |
     lines += ["", "## Recipe", f"- Command: `{p.command}`", f"- Seed {p.seed}; git commit `{p.git_commit}`; "
               f"training wall time {p.wall_time_s:.0f} s on the machine below.",
               "- Settings: " + ", ".join(f"`{k}={v}`" for k, v in p.recipe.items()),
-              f"- Versions: " + ", ".join(f"{k} {v}" for k, v in p.versions.items()), ""]
+              "- Versions: " + ", ".join(f"{k} {v}" for k, v in p.versions.items()), ""]
     lines += ["## Accuracy per exit (dev, full batch through the ONNX engine)",
               "| layer | " + " | ".join(str(r.layer) for r in m.dev_results) + " |",
               "|---|" + "---:|" * len(m.dev_results),
