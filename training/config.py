@@ -102,6 +102,7 @@ class TinyBertConfig(DistillConfig):
     intermediate_lr: float = 5e-5
     epochs: float = 3.0  # prediction-layer distillation
     lr: float = 3e-5
+    embedding_init: str = "teacher"  # "teacher" (principal directions, see docs) or "random"
     aug_copies: int = 20  # N augmented copies per example (0: no augmentation)
     aug_p: float = 0.4
     aug_k: int = 15
@@ -120,6 +121,7 @@ class MobileBertConfig(DistillConfig):
     embedding_size: int | None = None  # trigram word embedding width; None: intra-block width
     norm: str = "nonorm"  # "nonorm" (g * h + b) or "layernorm"
     activation: str = "relu"  # "relu" or "gelu"
+    embedding_init: str = "teacher"  # "teacher" (principal directions, see docs) or "random"
     fmt_weight: float = 100.0
     at_weight: float = 1.0
     stage_epochs: float = 1.0  # per progressive stage (one more block each)

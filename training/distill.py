@@ -69,7 +69,7 @@ def load_teacher(directory: Path) -> tuple[EarlyExitModel, dict]:
         hint = ""
         if (directory / "manifest.json").is_file():
             provenance = json.loads((directory / "manifest.json").read_text()).get("provenance") or {}
-            hint = (f"; it is an ONNX bundle: pass the checkpoint it was exported from"
+            hint = ("; it is an ONNX bundle: pass the checkpoint it was exported from"
                     + (f" ({provenance['checkpoint']})" if provenance.get("checkpoint") else ""))
         raise ValueError(f"{directory}: not an early-exit checkpoint (no {CHECKPOINT_META}); the teacher "
                          f"must be a folder written by `offramp train fastbert --checkpoint DIR`{hint}")
@@ -205,6 +205,48 @@ def student_like_teacher(teacher: EarlyExitModel, sources: Sequence[int], cfg: D
     return with_heads(backbone, teacher, cfg)
 
 
+def principal_directions(table: torch.Tensor, k: int) -> torch.Tensor:
+    """[width, k]: the top-k right singular vectors of `table` [rows, width] (the directions that
+    keep most of it: table ~ table @ P @ P.T)."""
+    table = table.detach().double()
+    values, vectors = torch.linalg.eigh(table.T @ table)
+    return vectors[:, values.argsort(descending=True)[:k]].float().contiguous()
+
+
+@torch.no_grad()
+def embeddings_from_teacher(student: EarlyExitModel, teacher: EarlyExitModel,
+                            embedding_init: str) -> torch.Tensor | None:
+    """Not in the papers (their students start from general distillation on a large corpus):
+    narrow embeddings initialised from the teacher's through P, the top principal directions of
+    its word-embedding table: word rows W_t P; a BERT student's position and token-type rows
+    times P as well; a MobileBERT student (embedding output as wide as the teacher) copies those
+    and its trigram projection starts as [0, P, 0], so its embeddings start near the teacher's.
+    Returns P [teacher width, student embedding width], or None when not applied."""
+    if embedding_init == "random":
+        return None
+    if embedding_init != "teacher":
+        raise ValueError(f"embedding_init must be 'teacher' or 'random', not {embedding_init!r}")
+    if getattr(teacher.backbone, "backbone_kind", None):
+        log.info("teacher embeddings are not BERT's: random initialisation")
+        return None
+    source, target = teacher.backbone.embeddings, student.backbone.embeddings
+    narrow = target.word_embeddings.weight.size(1)
+    if narrow > source.word_embeddings.weight.size(1):
+        log.info("student embeddings wider than the teacher's: random initialisation")
+        return None
+    P = principal_directions(source.word_embeddings.weight, narrow)
+    target.word_embeddings.weight.copy_(source.word_embeddings.weight @ P)
+    if isinstance(student.backbone, MobileBertBackbone):
+        target.position_embeddings.weight.copy_(source.position_embeddings.weight)
+        target.token_type_embeddings.weight.copy_(source.token_type_embeddings.weight)
+        target.trigram.weight.zero_()
+        target.trigram.weight[:, narrow:2 * narrow].copy_(P)
+    else:
+        target.position_embeddings.weight.copy_(source.position_embeddings.weight @ P)
+        target.token_type_embeddings.weight.copy_(source.token_type_embeddings.weight @ P)
+    return P
+
+
 def layer_states(model: EarlyExitModel, batch: Batch, upto: int | None = None) -> list[torch.Tensor]:
     """[embeddings, output of layer 1, ..., of layer `upto` (default: all)]: index m is layer m."""
     hidden = model.embed(*batch.inputs())
@@ -308,7 +350,8 @@ def distil_pkd(teacher: EarlyExitModel, task: Task, cfg: PkdConfig, variant: str
             loss = loss + cfg.beta * normalized_cls_mse(student_cls, cache.cls[batch.index])
         return loss
 
-    train_phase(f"pkd-{variant}", classifier_params(student), student, task.train, loss_fn, cfg.epochs, cfg.lr, cfg, task)
+    train_phase(f"pkd-{variant}", classifier_params(student), student, task.train, loss_fn,
+                cfg.epochs, cfg.lr, cfg, task)
     return student
 
 
@@ -348,6 +391,11 @@ def distil_tinybert(teacher: EarlyExitModel, task: Task, cfg: TinyBertConfig) ->
     # W_h: student width -> teacher width, shared by the embeddings (as the reference's fit_dense);
     # used for training only, not part of the student.
     projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
+    P = embeddings_from_teacher(student, teacher, cfg.embedding_init)
+    if P is not None:  # W_h starts as P: the student's directions mapped back to the teacher's
+        with torch.no_grad():
+            projection.weight.copy_(P)
+            projection.bias.zero_()
     both = nn.ModuleList([student, projection])
     intermediate_params = list(student.backbone.parameters()) + list(projection.parameters())
 
@@ -435,6 +483,7 @@ def transfer_stage(student: EarlyExitModel, teacher: EarlyExitModel, task: Task,
 def distil_mobilebert(teacher: EarlyExitModel, task: Task, cfg: MobileBertConfig) -> EarlyExitModel:
     torch.manual_seed(cfg.seed)
     student = mobilebert_student(teacher, cfg)
+    embeddings_from_teacher(student, teacher, cfg.embedding_init)
     M, L = student.num_layers, teacher.num_layers
     g = parse_layer_map(cfg.layer_map, M, L, "mobilebert (the teacher layer of each block)") or uniform_layer_map(M, L)
     log.info("mobilebert: %d blocks, %d wide between, %d inside; block m learns teacher layer %s",

@@ -89,7 +89,10 @@ def run_distill(args: argparse.Namespace) -> None:
     from training.export import export_bundle
     from training.task import load_task
 
-    cfg = config_from(DISTILL_METHODS[args.method], distill_values(args))
+    try:
+        cfg = config_from(DISTILL_METHODS[args.method], distill_values(args))
+    except ValueError as e:  # e.g. a TOML key of another method
+        raise SystemExit(f"--method {args.method}: {e}") from None
     torch.set_num_threads(args.threads or cpu_quota())
     try:
         teacher, teacher_meta = load_teacher(args.teacher)
@@ -98,6 +101,8 @@ def run_distill(args: argparse.Namespace) -> None:
         raise SystemExit(str(e)) from None
     name = args.out.name
     checkpoint = args.checkpoint or Path("runs") / name
+    if checkpoint.resolve() == Path(args.teacher).resolve():
+        raise SystemExit(f"--checkpoint {checkpoint} is the teacher's folder: the student would overwrite it")
     checkpoint.mkdir(parents=True, exist_ok=True)
     # The student checkpoint carries the tokenizer, so it can itself be a teacher later; the
     # task reads it from there.

@@ -277,3 +277,26 @@ def test_an_option_of_another_method_is_refused(tmp_path):
     assert distill_values(args) == {"beta": 10.0, "student_layers": 2}
     with pytest.raises(SystemExit, match="--aug-copies is not an option of --method distilbert"):
         distill_values(parser.parse_args(["--method", "distilbert", "--aug-copies", "2", *base]))
+
+
+def test_embeddings_from_teacher_through_principal_directions():
+    from training.distill import embeddings_from_teacher, principal_directions
+
+    teacher = tiny_teacher_model(hidden=16)
+    P = principal_directions(teacher.backbone.embeddings.word_embeddings.weight, 6)
+    torch.testing.assert_close(P.T @ P, torch.eye(6), atol=1e-5, rtol=0)  # orthonormal directions
+    # as wide as the teacher, nothing is lost: a MobileBERT student's embeddings start as the
+    # teacher's word + position + token-type sum (NoNorm is the identity at initialisation)
+    student = tiny_mobilebert(teacher, embedding_size=16, embedding_init="teacher")
+    assert embeddings_from_teacher(student, teacher, "teacher") is not None
+    b = batch()
+    source = teacher.backbone.embeddings
+    with torch.no_grad():
+        expected = (source.word_embeddings(b.input_ids) + source.position_embeddings.weight[:5]
+                    + source.token_type_embeddings(b.token_type_ids))
+        torch.testing.assert_close(student.embed(*b.inputs()), expected, atol=1e-5, rtol=1e-4)
+    narrow = tinybert_student(teacher, TinyBertConfig(student_layers=1, student_hidden=6, head_width=8))
+    P = embeddings_from_teacher(narrow, teacher, "teacher")
+    torch.testing.assert_close(narrow.backbone.embeddings.word_embeddings.weight,
+                               source.word_embeddings.weight @ P)
+    assert embeddings_from_teacher(narrow, teacher, "random") is None
