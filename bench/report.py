@@ -197,18 +197,25 @@ def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.n
         raise BenchError(f"{checkpoint}: {model.num_layers} layers / {model.num_labels} labels, "
                          f"the bundle has {manifest.num_layers} / {len(manifest.labels)}")
     # The baseline is transformers as a user would load it: default attention (SDPA), not the
-    # eager attention the layer-by-layer export path uses.
-    model.backbone = transformers.AutoModel.from_pretrained(str(checkpoint)).eval()
+    # eager attention the layer-by-layer export path uses. A student that is not a transformers
+    # model (MobileBERT) runs its own PyTorch forward.
+    plain_transformers = not meta.get("backbone_kind")
+    if plain_transformers:
+        model.backbone = transformers.AutoModel.from_pretrained(str(checkpoint)).eval()
     tensors = [(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask),
                 torch.from_numpy(b.token_type_ids)) for b in batches]
 
-    def run_all() -> tuple[np.ndarray, float]:
-        start = time.perf_counter()
-        predictions = []
-        for input_ids, attention_mask, token_type_ids in tensors:
+    def classify(input_ids, attention_mask, token_type_ids):
+        if plain_transformers:
             hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                     token_type_ids=token_type_ids).last_hidden_state
-            predictions.append(model.heads[-1](hidden, attention_mask).argmax(-1))
+        else:
+            hidden = model.hidden_states(input_ids, attention_mask, token_type_ids)[-1]
+        return model.heads[-1](hidden, attention_mask).argmax(-1)
+
+    def run_all() -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        predictions = [classify(*batch) for batch in tensors]
         seconds = time.perf_counter() - start
         return torch.cat(predictions).numpy(), seconds
 
@@ -216,8 +223,7 @@ def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.n
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            ids, mask, types = tensors[0]
-            model.backbone(input_ids=ids, attention_mask=mask, token_type_ids=types)  # warm-up
+            classify(*tensors[0])  # warm-up
             runs = [run_all() for _ in range(max(1, repeats))]
     finally:
         torch.set_num_threads(previous)

@@ -91,3 +91,14 @@ def test_every_student_is_served_over_http(students):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("method", ["distilbert", "mobilebert"])
+def test_bench_with_pytorch_baseline_works_on_students(students, tiny_bundle, method):
+    """A transformers student runs its baseline through AutoModel; MobileBERT through its own forward."""
+    from bench.report import run_bench
+
+    report = run_bench(students[method]["bundle"], tiny_bundle["dev"], thresholds=[0.0], baseline="pytorch",
+                       checkpoint=students[method]["checkpoint"], latency_rows=4, repeats=1, threads=1)
+    full = report["results"][0]
+    assert abs(report["baseline"]["accuracy"] - full["accuracy"]) <= 1 / report["rows"] + 1e-9
