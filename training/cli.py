@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +109,9 @@ def run_fastbert(args: argparse.Namespace) -> None:
     for layer, acc in enumerate(accuracy, 1):
         log.info("dev accuracy at layer %d: %.4f", layer, acc)
     model.save(checkpoint, {"labels": task.labels, "recipe": dataclasses.asdict(cfg)})
+    # The tokenizer travels with the checkpoint, so it can be a distillation teacher on its own.
+    if task.tokenizer_file.resolve() != (checkpoint / "tokenizer.json").resolve():
+        shutil.copyfile(task.tokenizer_file, checkpoint / "tokenizer.json")
     provenance = Provenance(
         teacher=task.teacher, train=task.records["train"], dev=task.records["dev"],
         unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *getattr(args, "argv", sys.argv[1:])]),
