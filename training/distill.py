@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from training import loop
@@ -110,7 +111,8 @@ class TeacherCache:
         self.tokens = torch.empty(int(lengths.sum()), width, dtype=torch.float16) if fits else None
         teacher.eval()
         with torch.no_grad():
-            for batch in dataset.batches(batch_size, shuffle=False):
+            for batch in tqdm(dataset.batches(batch_size, shuffle=False), desc="teacher outputs",
+                              total=dataset.num_batches(batch_size), unit="batch", mininterval=2.0):
                 states = teacher.hidden_states(*batch.inputs())
                 self.logits[batch.index] = teacher.exit_logits(teacher.num_layers - 1, states[-1],
                                                                batch.attention_mask)
