@@ -77,8 +77,6 @@ def versions() -> dict[str, str]:
 def run_fastbert(args: argparse.Namespace) -> None:
     import torch
 
-    from training import loop
-    from training.export import export_bundle
     from training.fastbert import train_fastbert
     from training.task import load_task
 
@@ -104,33 +102,43 @@ def run_fastbert(args: argparse.Namespace) -> None:
         if meta.get("labels") and meta["labels"] != task.labels:
             raise SystemExit(f"{args.from_checkpoint}: labels {meta['labels']} differ from {task.labels}")
     model = train_fastbert(task, cfg, initial)
-    wall = time.perf_counter() - start
+    save_and_export(args, task, model, checkpoint, cfg.max_seq_length, cfg.seed,
+                    {"method": "fastbert", **dataclasses.asdict(cfg)}, time.perf_counter() - start)
+
+
+def save_and_export(args: argparse.Namespace, task, model, checkpoint: Path, max_seq_length: int, seed: int,
+                    recipe: dict, wall_s: float, meta: dict | None = None) -> list[float]:
+    """What every recipe does after training: per-layer dev accuracy, the PyTorch checkpoint
+    (with its tokenizer, so it can be a teacher on its own), then the verified, calibrated bundle
+    with its provenance. Returns the per-layer dev accuracy."""
+    from training import loop
+    from training.export import export_bundle
+
     accuracy = loop.layer_accuracy(model, task.dev)
     for layer, acc in enumerate(accuracy, 1):
         log.info("dev accuracy at layer %d: %.4f", layer, acc)
-    model.save(checkpoint, {"labels": task.labels, "recipe": dataclasses.asdict(cfg)})
-    # The tokenizer travels with the checkpoint, so it can be a distillation teacher on its own.
+    model.save(checkpoint, {"labels": task.labels, "recipe": recipe, **(meta or {})})
     if task.tokenizer_file.resolve() != (checkpoint / "tokenizer.json").resolve():
         shutil.copyfile(task.tokenizer_file, checkpoint / "tokenizer.json")
     provenance = Provenance(
         teacher=task.teacher, train=task.records["train"], dev=task.records["dev"],
         unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *getattr(args, "argv", sys.argv[1:])]),
-        seed=cfg.seed, git_commit=git_commit(),
+        seed=seed, git_commit=git_commit(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        recipe={"method": "fastbert", **dataclasses.asdict(cfg)}, versions=versions(),
-        wall_time_s=round(wall, 1), checkpoint=str(checkpoint),
+        recipe=recipe, versions=versions(), wall_time_s=round(wall_s, 1), checkpoint=str(checkpoint),
     )
     dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
     manifest = export_bundle(
-        model, task.tokenizer_file, args.out, name=name, labels=task.labels, source_labels=task.source_labels,
-        text_pair=task.text_pair, max_seq_length=cfg.max_seq_length, provenance=provenance,
-        dev_results=[LayerResult(layer=i, accuracy=a) for i, a in enumerate(accuracy, 1)],
+        model, task.tokenizer_file, args.out, name=args.out.name, labels=task.labels,
+        source_labels=task.source_labels, text_pair=task.text_pair, max_seq_length=max_seq_length,
+        provenance=provenance, dev_results=[LayerResult(layer=i, accuracy=a) for i, a in enumerate(accuracy, 1)],
         calibration_inputs=dev_inputs, calibration_labels=task.dev.labels,
         tolerance_points=args.calibration_tolerance,
     )
     log.info("wrote %s: verification max |diff| %s, recommended threshold %.2f",
              args.out, max(manifest.verification.max_abs_logit_diff), manifest.recommended_threshold)
     print(f"bundle written to {args.out} (checkpoint {checkpoint})")
+    return accuracy
 
 
 def run_quantize(args: argparse.Namespace) -> None:

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import logging
-import shlex
 import shutil
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -81,12 +78,10 @@ def distill_values(args: argparse.Namespace) -> dict:
 def run_distill(args: argparse.Namespace) -> None:
     import torch
 
-    from app.manifest import LayerResult, Provenance
     from app.threads import cpu_quota
     from training import loop
-    from training.cli import git_commit, versions
+    from training.cli import save_and_export
     from training.distill import distil, find_tokenizer, load_teacher
-    from training.export import export_bundle
     from training.task import load_task
 
     try:
@@ -127,29 +122,8 @@ def run_distill(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     model = distil(args.method, teacher, task, cfg)
-    wall = time.perf_counter() - start
-    accuracy = loop.layer_accuracy(model, task.dev)
-    for layer, acc in enumerate(accuracy, 1):
-        log.info("dev accuracy at layer %d: %.4f", layer, acc)
     recipe = {"method": args.method, **dataclasses.asdict(cfg), "exits": "fastbert self-distillation",
               "teacher_dev_accuracy": teacher_accuracy}
-    model.save(checkpoint, {"labels": task.labels, "recipe": recipe, "teacher": str(args.teacher)})
-    provenance = Provenance(
-        teacher=task.teacher, train=task.records["train"], dev=task.records["dev"],
-        unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *getattr(args, "argv", sys.argv[1:])]),
-        seed=cfg.seed, git_commit=git_commit(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        recipe=recipe, versions=versions(), wall_time_s=round(wall, 1), checkpoint=str(checkpoint),
-    )
-    dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
-    manifest = export_bundle(
-        model, task.tokenizer_file, args.out, name=name, labels=task.labels, source_labels=task.source_labels,
-        text_pair=task.text_pair, max_seq_length=cfg.max_seq_length, provenance=provenance,
-        dev_results=[LayerResult(layer=i, accuracy=a) for i, a in enumerate(accuracy, 1)],
-        calibration_inputs=dev_inputs, calibration_labels=task.dev.labels,
-        tolerance_points=args.calibration_tolerance,
-    )
-    log.info("wrote %s: verification max |diff| %s, recommended threshold %.2f",
-             args.out, max(manifest.verification.max_abs_logit_diff), manifest.recommended_threshold)
-    print(f"bundle written to {args.out} (checkpoint {checkpoint}); dev accuracy {accuracy[-1]:.4f} "
-          f"at full depth, teacher {teacher_accuracy:.4f}")
+    accuracy = save_and_export(args, task, model, checkpoint, cfg.max_seq_length, cfg.seed, recipe,
+                               time.perf_counter() - start, {"teacher": str(args.teacher)})
+    print(f"dev accuracy {accuracy[-1]:.4f} at full depth, teacher {teacher_accuracy:.4f}")

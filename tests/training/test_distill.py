@@ -199,14 +199,20 @@ def test_teacher_cache_matches_the_teacher_row_by_row(teacher, tiny_task):
     assert TeacherCache(teacher, tiny_task.train, token_layer=3, budget_mb=0).token_states(b) is None
 
 
-def test_teacher_must_be_an_early_exit_checkpoint(tiny_bundle, tiny_teacher_dir):
+def test_teacher_must_be_an_early_exit_checkpoint(tiny_bundle, tiny_teacher_dir, tmp_path):
+    import shutil
+
     with pytest.raises(ValueError, match="it is an ONNX bundle.*checkpoint"):
         load_teacher(tiny_bundle["bundle"])
     with pytest.raises(ValueError, match="not an early-exit checkpoint"):
         load_teacher(tiny_teacher_dir)  # a plain transformers folder
+    # fastbert checkpoints carry their tokenizer; one without needs --tokenizer
+    assert find_tokenizer(tiny_bundle["checkpoint"]) == tiny_bundle["checkpoint"] / "tokenizer.json"
+    bare = shutil.copytree(tiny_bundle["checkpoint"], tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="--tokenizer"):
-        find_tokenizer(tiny_bundle["checkpoint"])
-    assert find_tokenizer(tiny_bundle["checkpoint"], tiny_teacher_dir).name == "tokenizer.json"
+        find_tokenizer(bare)
+    assert find_tokenizer(bare, tiny_teacher_dir).name == "tokenizer.json"
 
 
 def test_progressive_transfer_trains_one_block_and_freezes_the_ones_below(teacher, tiny_task):
