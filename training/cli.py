@@ -21,20 +21,26 @@ from training.config import FastBertConfig, config_from
 log = logging.getLogger("offramp.train")
 
 
-def add_task_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="local model folder or hub id of a BERT-family encoder")
+def add_data_arguments(p: argparse.ArgumentParser, unlabeled_help: str, label_names_help: str) -> None:
+    """What every training command takes besides its teacher: data, output, recipe file."""
     p.add_argument("--train", required=True, type=Path, help="TSV, CSV or JSONL training file")
     p.add_argument("--dev", required=True, type=Path, help="labelled dev file (evaluation, calibration)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write, e.g. models/NAME")
-    p.add_argument("--unlabeled", type=Path, help="extra text for self-distillation of the exits")
+    p.add_argument("--unlabeled", type=Path, help=unlabeled_help)
     p.add_argument("--text-columns", help="comma-separated text column(s): names, or indices for headerless files")
     p.add_argument("--label-column")
-    p.add_argument("--label-names", help="comma-separated names to serve, in label order (e.g. negative,positive)")
+    p.add_argument("--label-names", help=label_names_help)
     p.add_argument("--config", type=Path, help="TOML recipe; command-line options override it")
     p.add_argument("--checkpoint", type=Path, help="where the PyTorch checkpoint goes (default runs/NAME)")
     p.add_argument("--calibration-tolerance", type=float, default=0.5,
                    help="accuracy points below full depth the recommended threshold may lose")
     p.add_argument("--threads", type=int, help="torch threads (default: the CPU quota)")
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="local model folder or hub id of a BERT-family encoder")
+    add_data_arguments(p, "extra text for self-distillation of the exits",
+                       "comma-separated names to serve, in label order (e.g. negative,positive)")
     p.add_argument("--from-checkpoint", type=Path,
                    help="start from a saved early-exit checkpoint (with --epochs 0: retrain the exits only)")
 

@@ -14,6 +14,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from training.cli import add_data_arguments
 from training.config import DISTILL_METHODS, config_from
 
 log = logging.getLogger("offramp.train")
@@ -36,19 +37,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                    help="early-exit checkpoint folder written by `offramp train fastbert` (its --checkpoint)")
     p.add_argument("--tokenizer", type=Path,
                    help="the teacher's tokenizer.json (default: the one in the teacher folder)")
-    p.add_argument("--train", required=True, type=Path, help="TSV, CSV or JSONL training file")
-    p.add_argument("--dev", required=True, type=Path, help="labelled dev file (evaluation, calibration)")
-    p.add_argument("--out", required=True, type=Path, help="bundle folder to write, e.g. models/NAME")
-    p.add_argument("--unlabeled", type=Path,
-                   help="extra text: exit self-distillation, TinyBERT general distillation, MobileBERT transfer")
-    p.add_argument("--text-columns", help="comma-separated text column(s): names, or indices for headerless files")
-    p.add_argument("--label-column")
-    p.add_argument("--label-names", help="comma-separated names to serve, in label order (default: the teacher's)")
-    p.add_argument("--config", type=Path, help="TOML recipe; command-line options override it")
-    p.add_argument("--checkpoint", type=Path, help="where the PyTorch checkpoint goes (default runs/NAME)")
-    p.add_argument("--calibration-tolerance", type=float, default=0.5,
-                   help="accuracy points below full depth the recommended threshold may lose")
-    p.add_argument("--threads", type=int, help="torch threads (default: the CPU quota)")
+    add_data_arguments(p, "extra text: exit self-distillation, TinyBERT general distillation, MobileBERT transfer",
+                       "comma-separated names to serve, in label order (default: the teacher's)")
     types = {}
     for config_cls in DISTILL_METHODS.values():
         for f in dataclasses.fields(config_cls):
