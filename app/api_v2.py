@@ -196,6 +196,17 @@ def flatten(data: Any) -> list:
     return out
 
 
+def only_parameter(item: dict, where: str, allowed: str, why: str) -> dict:
+    """A tensor's `parameters` object, which may hold `allowed` and nothing else."""
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad(f"{where}.parameters", "must be an object")
+    for key in parameters:
+        if key != allowed:
+            raise bad(f"{where}.parameters.{key}", f"not supported; {why}")
+    return parameters
+
+
 def decode_bytes_tensor(raw: bytes, where: str) -> list[bytes]:
     """Triton's BYTES serialisation: each element a uint32 little-endian length, then its bytes."""
     items, offset = [], 0
@@ -263,13 +274,8 @@ def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[s
         raise bad(f"{where}.shape", f"input {name!r} has shape [-1] (one dimension, one row per text), "
                   f"not {shape}")
     count = shape[0]
-    parameters = item.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise bad(f"{where}.parameters", "must be an object")
-    for key in parameters:
-        if key != "binary_data_size":
-            raise bad(f"{where}.parameters.{key}", "not supported; an input's only parameter is "
-                      "binary_data_size (shared memory is not)")
+    parameters = only_parameter(item, where, "binary_data_size",
+                                "an input's only parameter is binary_data_size (shared memory is not)")
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if not is_int(size) or size < 0:
@@ -316,13 +322,8 @@ def parse_outputs(value: Any, default_binary: bool) -> list[RequestedOutput]:
         if name in seen:
             raise bad(f"{where}.name", f"output {name!r} is requested twice")
         seen.add(name)
-        parameters = item.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise bad(f"{where}.parameters", "must be an object")
-        for key in parameters:
-            if key != "binary_data":
-                raise bad(f"{where}.parameters.{key}", "not supported; an output's only parameter is "
-                          "binary_data (classification and shared memory are not)")
+        parameters = only_parameter(item, where, "binary_data",
+                                    "an output's only parameter is binary_data (classification and shared memory are not)")
         binary = parameters.get("binary_data", default_binary)
         if not isinstance(binary, bool):
             raise bad(f"{where}.parameters.binary_data", f"true or false, not {binary!r}")

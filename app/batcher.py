@@ -54,6 +54,10 @@ class Job:
     queue_s: float = 0.0
     inference_s: float = 0.0
     batch_rows: list[int] = field(default_factory=list)
+    lengths: np.ndarray = field(init=False)  # tokens of each row, read by every batch choice
+
+    def __post_init__(self) -> None:
+        self.lengths = self.batch.lengths
 
     @property
     def rows(self) -> int:
@@ -172,7 +176,7 @@ class Batcher:
             return []
         first_job = self._pending[0][0]
         candidates = self._pending if self.merge_requests else [p for p in self._pending if p[0] is first_job]
-        lengths = {id(p): int(p[0].batch.attention_mask[p[1]].sum()) for p in candidates}
+        lengths = {id(p): int(p[0].lengths[p[1]]) for p in candidates}
         anchor = candidates[0]
         target = lengths[id(anchor)]
         by_closeness = sorted(candidates[1:], key=lambda p: abs(lengths[id(p)] - target))
@@ -190,7 +194,7 @@ class Batcher:
         return chosen
 
     async def _compute(self, chosen: list[tuple[Job, int]]) -> None:
-        batch = _merge([job.batch for job, _ in chosen], [row for _, row in chosen])
+        batch = _merge(chosen)
         threshold = np.array([job.threshold for job, _ in chosen], dtype=np.float32)
         min_layers = np.array([job.min_layers for job, _ in chosen], dtype=np.int64)
         max_layers = np.array([job.max_layers for job, _ in chosen], dtype=np.int64)
@@ -225,18 +229,18 @@ def _unique(jobs) -> list[Job]:
     return list({id(job): job for job in jobs}.values())
 
 
-def _merge(batches: list[EncodedBatch], rows: list[int]) -> EncodedBatch:
-    """One right-padded batch of the given rows of several batches."""
-    lengths = [int(b.attention_mask[r].sum()) for b, r in zip(batches, rows)]
+def _merge(chosen: list[tuple[Job, int]]) -> EncodedBatch:
+    """One right-padded batch of the chosen rows of several requests."""
+    lengths = [int(job.lengths[row]) for job, row in chosen]
     longest = max(lengths)
-    n = len(rows)
+    n = len(chosen)
     input_ids = np.zeros((n, longest), dtype=np.int64)  # padding is masked: its id is irrelevant
     attention_mask = np.zeros((n, longest), dtype=np.int64)
     token_type_ids = np.zeros((n, longest), dtype=np.int64)
     truncated = np.zeros(n, dtype=bool)
-    for i, (b, r, length) in enumerate(zip(batches, rows, lengths)):
-        input_ids[i, :length] = b.input_ids[r, :length]
+    for i, ((job, row), length) in enumerate(zip(chosen, lengths)):
+        input_ids[i, :length] = job.batch.input_ids[row, :length]
         attention_mask[i, :length] = 1
-        token_type_ids[i, :length] = b.token_type_ids[r, :length]
-        truncated[i] = b.truncated[r]
+        token_type_ids[i, :length] = job.batch.token_type_ids[row, :length]
+        truncated[i] = job.batch.truncated[row]
     return EncodedBatch(input_ids, attention_mask, token_type_ids, truncated)
