@@ -177,14 +177,26 @@ def parse_layer_map(text: str | None, count: int, teacher_layers: int, what: str
 
 # -- students ---------------------------------------------------------------------------------
 
-def with_heads(backbone: nn.Module, teacher: EarlyExitModel, cfg: DistillConfig) -> EarlyExitModel:
-    """The backbone with an exit after every layer; a student as wide as the teacher starts its
-    last classifier from the teacher's."""
+def with_heads(backbone: nn.Module, teacher: EarlyExitModel, cfg: DistillConfig,
+               sources: Sequence[int] | None = None) -> EarlyExitModel:
+    """The backbone with an exit after every layer. Where shapes allow, each head starts as the
+    teacher's head on the layer the student layer was copied from (`sources`, 1-based), so a
+    student made of teacher layers starts with classifiers already trained on those very states
+    (PKD's student = teacher layers 1..k starts at the teacher's layer-k accuracy); otherwise
+    only the last classifier starts from the teacher's."""
     student = EarlyExitModel(backbone, teacher.num_labels, cfg.exit_head, cfg.head_width, cfg.dropout,
                              teacher_head=teacher.teacher_head)
-    source, target = teacher.heads[-1].state_dict(), student.heads[-1].state_dict()
-    if source.keys() == target.keys() and all(source[k].shape == target[k].shape for k in source):
-        student.heads[-1].load_state_dict(source)
+    last = len(student.heads) - 1
+    candidates = {last: [teacher.num_layers - 1]}
+    for i, source in enumerate(sources or ()):
+        candidates[i] = [source - 1] + candidates.get(i, [])
+    for student_index, teacher_indices in candidates.items():
+        target = student.heads[student_index].state_dict()
+        for teacher_index in teacher_indices:
+            source = teacher.heads[teacher_index].state_dict()
+            if source.keys() == target.keys() and all(source[k].shape == target[k].shape for k in source):
+                student.heads[student_index].load_state_dict(source)
+                break
     return student
 
 
@@ -204,7 +216,7 @@ def student_like_teacher(teacher: EarlyExitModel, sources: Sequence[int], cfg: D
     backbone.embeddings.load_state_dict(teacher.backbone.embeddings.state_dict())
     for layer, source in zip(backbone.encoder.layer, sources):
         layer.load_state_dict(teacher.layers[source - 1].state_dict())
-    return with_heads(backbone, teacher, cfg)
+    return with_heads(backbone, teacher, cfg, sources)
 
 
 def principal_directions(table: torch.Tensor, k: int) -> torch.Tensor:

@@ -83,8 +83,9 @@ def test_distilbert_student_layer_i_equals_the_teacher_layer_it_was_copied_from(
             torch.testing.assert_close(value, theirs[name], rtol=0, atol=0)
     for name, value in student.backbone.embeddings.state_dict().items():
         torch.testing.assert_close(value, teacher.backbone.embeddings.state_dict()[name], rtol=0, atol=0)
-    # the classifier starts as the teacher's; the student is an independent copy
-    torch.testing.assert_close(student.heads[-1].out.weight, teacher.heads[-1].out.weight)
+    # each head starts as the teacher's head on its source layer; the student is an independent copy
+    for head, source in zip(student.heads, sources):
+        torch.testing.assert_close(head.out.weight, teacher.heads[source - 1].out.weight)
     with torch.no_grad():
         student.layers[0].output.dense.weight.add_(1.0)
     assert not torch.equal(student.layers[0].output.dense.weight, teacher.layers[0].output.dense.weight)
@@ -99,6 +100,11 @@ def test_pkd_student_is_the_first_k_teacher_layers():
         theirs = teacher.hidden_states(*b.inputs())[:3]
     for a, t in zip(ours, theirs):
         torch.testing.assert_close(a, t)
+    # every head starts as the teacher's head on the same layer: the student answers as the
+    # teacher's first three exits do
+    with torch.no_grad():
+        for ours_logits, theirs_logits in zip(student(*b.inputs()), teacher(*b.inputs())[:3]):
+            torch.testing.assert_close(ours_logits, theirs_logits)
 
 
 def test_tinybert_student_any_width_and_head_check():
