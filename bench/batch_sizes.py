@@ -21,13 +21,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=320)
     p.add_argument("--thresholds", default="0,recommended")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    p.add_argument("--order", choices=["length", "input"], default="length",
+                   help="length: rows sorted by token count before batching, the batcher's best case "
+                        "(little padding); input: file order, batches padded to a random longest row")
     args = p.parse_args(argv)
     model = load_model(args.bundle)
     inputs, _ = load_data(args.data, model.manifest)
     inputs = inputs[:args.rows]
+    if args.order == "length":
+        lengths = model.encoder.encode(inputs).attention_mask.sum(axis=1)
+        inputs = [inputs[i] for i in lengths.argsort(kind="stable")]
     thresholds = [model.manifest.recommended_threshold if t == "recommended" else float(t)
                   for t in args.thresholds.split(",")]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"{len(inputs)} rows in {args.order} order")
     print("threshold | " + " | ".join(f"batch {b}" for b in sizes) + "   (rows/s)")
     for threshold in thresholds:
         cells = []

@@ -48,7 +48,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
             batch_size=args.batch_size, repeats=args.repeats, latency_rows=args.latency_rows,
             threads=args.threads, baseline=args.baseline, checkpoint=args.checkpoint,
             text_columns=args.text_columns.split(",") if args.text_columns else None,
-            label_column=args.label_column, progress=progress,
+            label_column=args.label_column, progress=progress, reference=args.reference,
         )
     except (BenchError, DataError, ManifestError) as exc:
         raise SystemExit(f"offramp bench: error: {exc}") from exc
@@ -74,6 +74,9 @@ def register(subparsers) -> None:
                    help="also measure the same model at full depth under plain PyTorch/transformers")
     p.add_argument("--checkpoint", type=Path,
                    help="PyTorch checkpoint for --baseline (default: the manifest's provenance.checkpoint)")
+    p.add_argument("--reference", type=Path, metavar="BUNDLE_DIR",
+                   help="another bundle (e.g. the teacher) measured at full depth in the same run; "
+                        "adds speedup_vs_reference to every threshold")
     p.add_argument("--latency-rows", type=_non_negative, default=200,
                    help="rows timed one at a time for latency percentiles (default 200; 0 skips)")
     p.add_argument("--repeats", type=_positive, default=2,

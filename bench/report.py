@@ -12,7 +12,11 @@ JSON layout (see `run_bench`):
                   "exit_histogram": [rows leaving at layer 1, ..., at layer num_layers],
                   "throughput_rows_per_s", "speedup_vs_full", "ideal_speedup",
                   "latency_ms": {"p50", "p95", "p99"} or null}],
-     "baseline": {...} or null, "recommended_threshold"}
+     "baseline": {...} or null, "recommended_threshold",
+     "reference": {"bundle", "num_layers", "accuracy", "throughput_rows_per_s"} or null}
+With a reference bundle (e.g. the teacher a student was distilled from), that bundle is measured
+at full depth on the same rows, batch size and threads in the same run, and every row gains
+"speedup_vs_reference" (its throughput over the reference's).
 
 This module imports without torch; only the PyTorch baseline imports it.
 """
@@ -242,6 +246,23 @@ def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.n
     }
 
 
+def reference_full_depth(reference_dir: Path, manifest: Manifest, inputs: Sequence, labels: np.ndarray,
+                         batch_size: int, threads: int, repeats: int) -> dict:
+    """Another bundle (a student's teacher) at full depth on the same rows: accuracy and throughput."""
+    reference_dir = Path(reference_dir)
+    ref_manifest = read_manifest(reference_dir)
+    if list(ref_manifest.labels) != list(manifest.labels):
+        raise BenchError(f"--reference {reference_dir}: labels {ref_manifest.labels} differ from the "
+                         f"bundle's {manifest.labels}")
+    engine = Engine(reference_dir, ref_manifest, intra_op_threads=threads)
+    encoder = TextEncoder.from_file(reference_dir / ref_manifest.tokenizer, ref_manifest.max_seq_length)
+    batches = make_batches(encoder, inputs, batch_size)
+    warm_up(engine, encoder, batches, inputs)
+    row = measure_threshold(engine, encoder, batches, inputs, labels, 0.0, repeats, latency_rows=0)
+    return {"bundle": str(reference_dir), "num_layers": engine.num_layers,
+            "accuracy": row["accuracy"], "throughput_rows_per_s": row["throughput_rows_per_s"]}
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -264,7 +285,8 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
               batch_size: int = 32, repeats: int = 2, latency_rows: int = 200,
               threads: int | None = None, baseline: str | None = None,
               checkpoint: Path | None = None, text_columns: Sequence[str] | None = None,
-              label_column: str | None = None, progress: Callable | None = None) -> dict:
+              label_column: str | None = None, progress: Callable | None = None,
+              reference: Path | None = None) -> dict:
     """The whole report as a JSON-ready dict."""
     if batch_size < 1 or repeats < 1 or latency_rows < 0:
         raise BenchError("--batch-size and --repeats must be >= 1, --latency-rows >= 0")
@@ -293,6 +315,12 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
             (base.pop("_predictions") == full["_predictions"]).mean())
     for row in results:
         row.pop("_predictions")
+    ref = None
+    if reference is not None:
+        ref = reference_full_depth(reference, manifest, inputs, labels, batch_size,
+                                   engine.intra_op_threads, repeats)
+        for row in results:
+            row["speedup_vs_reference"] = row["throughput_rows_per_s"] / ref["throughput_rows_per_s"]
     return {
         "bundle": str(bundle_dir),
         "data": str(data),
@@ -307,6 +335,7 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
         "results": results,
         "baseline": base,
         "recommended_threshold": manifest.recommended_threshold,
+        "reference": ref,
     }
 
 
@@ -316,6 +345,9 @@ def format_table(report: dict) -> str:
     header = ["threshold", "accuracy", "mean exit", "ideal speedup", "rows/s",
               "speedup_vs_full", "p50 ms", "p95 ms", "p99 ms"]
     recommended = report.get("recommended_threshold")
+    ref = report.get("reference")
+    if ref:
+        header.insert(6, "vs reference")
     lines = []
     for r in report["results"]:
         lat = r["latency_ms"] or {}
@@ -324,6 +356,7 @@ def format_table(report: dict) -> str:
             f"{r['threshold']:.2f}{mark}", f"{r['accuracy']:.4f}", f"{r['mean_exit_layer']:.2f}",
             f"{r['ideal_speedup']:.2f}x", f"{r['throughput_rows_per_s']:.1f}",
             f"{r['speedup_vs_full']:.2f}x",
+            *([f"{r['speedup_vs_reference']:.2f}x"] if ref else []),
             *(f"{lat[k]:.2f}" if k in lat else "-" for k in ("p50", "p95", "p99")),
         ])
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
@@ -343,6 +376,9 @@ def format_table(report: dict) -> str:
                    f"running, timings are pessimistic and noisy")
     if recommended is not None:
         out.append(f"* recommended threshold (manifest): {recommended:.2f}")
+    if ref:
+        out.append(f"reference {ref['bundle']} at full depth ({ref['num_layers']} layers), same rows and "
+                   f"run: accuracy {ref['accuracy']:.4f}, {ref['throughput_rows_per_s']:.1f} rows/s")
     base = report.get("baseline")
     if base:
         out.append(

@@ -32,7 +32,7 @@ from training.data import read_examples
 REPO = Path(__file__).resolve().parents[2]
 LABEL_NAMES = ["negative", "positive"]
 TOP_FIELDS = {"bundle", "data", "rows", "batch_size", "threads", "num_layers", "machine",
-              "results", "baseline", "recommended_threshold"}
+              "results", "baseline", "recommended_threshold", "reference"}
 ROW_FIELDS = {"threshold", "accuracy", "mean_exit_layer", "exit_histogram",
               "throughput_rows_per_s", "speedup_vs_full", "ideal_speedup", "latency_ms"}
 
@@ -202,6 +202,19 @@ def test_pytorch_baseline_is_the_same_model(report):
     assert base["agreement_with_onnx_full"] >= 1 - 1 / data["rows"]
     assert base["onnx_full_vs_pytorch"] == pytest.approx(
         full["throughput_rows_per_s"] / base["throughput_rows_per_s"])
+
+
+def test_reference_bundle_is_measured_at_full_depth_in_the_same_run(tiny):
+    bundle, _, dev = tiny
+    data = run_bench(bundle, dev, thresholds=[1.0], batch_size=16, repeats=1, latency_rows=0,
+                     threads=1, reference=bundle)
+    ref, full = data["reference"], data["results"][0]
+    assert ref["bundle"] == str(bundle) and ref["num_layers"] == 3
+    assert ref["accuracy"] == full["accuracy"]  # the same model on the same rows
+    for row in data["results"]:
+        assert row["speedup_vs_reference"] == pytest.approx(
+            row["throughput_rows_per_s"] / ref["throughput_rows_per_s"])
+    assert "vs reference" in format_table(data) and "reference " in format_table(data)
 
 
 def test_missing_checkpoint_is_a_clear_error_before_measuring(tiny, tmp_path):
