@@ -57,8 +57,9 @@ class Connection:
 
 
 async def run_load(url: str, model: str | None, texts: list[str], clients: int, requests: int,
-                   threshold: float | None, timeout_s: float = 60.0) -> dict:
-    """`clients` concurrent connections, `requests` in all, one text per request, in file order."""
+                   threshold: float | None, timeout_s: float = 60.0, expect_status: int = 200) -> dict:
+    """`clients` concurrent connections, `requests` in all, one text per request, in file order.
+    An answer other than `expect_status` counts as an error."""
     route = f"/v1/models/{model}/predict" if model else "/v1/predict"
     parsed = httpx.URL(url)
     bodies = [json.dumps({"inputs": [t], **({"threshold": threshold} if threshold is not None else {})}).encode()
@@ -79,9 +80,9 @@ async def run_load(url: str, model: str | None, texts: list[str], clients: int, 
                 connection.close()
                 continue
             latencies.append(time.perf_counter() - start)
-            if status != 200:
+            if status != expect_status:
                 errors[str(status)] = errors.get(str(status), 0) + 1
-            else:
+            elif status == 200:
                 exit_layers.extend(p["exit_layer"] for p in json.loads(payload)["predictions"])
         connection.close()
 
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float)
     p.add_argument("--threads", type=int, help="server intra-op threads")
     p.add_argument("--repeats", type=int, default=1, help="with --compare-batching: interleaved runs, best kept")
+    p.add_argument("--http-ceiling", action="store_true",
+                   help="with --compare-batching: also the same load with an out-of-range threshold, which "
+                        "the schema rejects (422) before the queue: what the HTTP layer alone can answer "
+                        "on this machine, an upper bound for any batching")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     texts = [e.text for e in read_examples(args.data).examples]
@@ -164,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
                 for name, (_, url) in servers.items():
                     trials[name].append(asyncio.run(run_load(url, args.model, texts, args.clients,
                                                              args.requests, args.threshold)))
+                if args.http_ceiling:
+                    trials.setdefault("http_ceiling", []).append(asyncio.run(run_load(
+                        servers["batching"][1], args.model, texts, args.clients, args.requests, 2.0,
+                        expect_status=422)))
             runs = {name: max(t, key=lambda r: r["throughput_rps"]) for name, t in trials.items()}
         finally:
             for proc, _ in servers.values():
@@ -183,8 +192,13 @@ def main(argv: list[str] | None = None) -> None:
         lat = r["latency_ms"] or {}
         print(f"{name:<12} | {r['throughput_rps']:8.1f} | {lat.get('p50', 0):7.1f} | {lat.get('p95', 0):7.1f} | "
               f"{lat.get('p99', 0):7.1f} | {sum(r['errors'].values()):6d} | {r['mean_exit_layer']}")
+    if "http_ceiling" in runs and "no_batching" in runs:
+        report["http_ceiling_vs_no_batching"] = runs["http_ceiling"]["throughput_rps"] / runs["no_batching"]["throughput_rps"]
     if "batching_speedup" in report:
         print(f"batching throughput / no batching: {report['batching_speedup']:.2f}x")
+    if "http_ceiling_vs_no_batching" in report:
+        print(f"HTTP layer alone (422 before the queue) / no batching: {report['http_ceiling_vs_no_batching']:.2f}x: "
+              f"no batching can exceed this ratio on this machine")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
