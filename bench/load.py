@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"batching throughput / no batching: {report['batching_speedup']:.2f}x")
     if "http_ceiling_vs_no_batching" in report:
         print(f"HTTP layer alone (422 before the queue) / no batching: {report['http_ceiling_vs_no_batching']:.2f}x: "
-              f"no batching can exceed this ratio on this machine")
+              f"batching cannot exceed this ratio on this machine")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
