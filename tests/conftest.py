@@ -41,3 +41,15 @@ def tiny_bundle(tmp_path_factory, tiny_teacher_dir, tiny_data) -> dict[str, Path
           "--batch-size", "16", "--threads", "2"])
     return {"bundle": bundle, "models": bundle.parent, "checkpoint": checkpoint,
             "train": tiny_data[0], "dev": tiny_data[1]}
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """The tiny bundle through `offramp quantize` (static int8, calibrated on its training file)."""
+    from app.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "models" / "tiny-int8"
+    # A random tiny model's accuracy is noise: the accuracy gate is tested on its own.
+    main(["quantize", str(tiny_bundle["bundle"]), "--out", str(out), "--dev", str(tiny_bundle["dev"]),
+          "--max-loss", "100", "--calibration-rows", "64"])
+    return out

@@ -147,14 +147,37 @@ def save_and_export(args: argparse.Namespace, task, model, checkpoint: Path, max
     return accuracy
 
 
+def calibration_text(args: argparse.Namespace, manifest) -> list | None:
+    """Training rows that fix the static activation scales: --calibration, else the bundle's
+    recorded training file; evenly spaced through the file, so not just its first topic."""
+    from training.data import read_examples
+
+    if args.method != "static":
+        return None
+    path = args.calibration
+    if path is None:
+        recorded = manifest.provenance.train.path if manifest.provenance.train else None
+        if not recorded or not Path(recorded).is_file():
+            raise SystemExit(f"offramp quantize: error: static quantisation needs training text: pass "
+                             f"--calibration FILE (the manifest's training file {recorded!r} is not here)")
+        path = Path(recorded)
+    text_columns = args.text_columns.split(",") if args.text_columns else None
+    examples = read_examples(path, text_columns).examples
+    step = max(1, len(examples) // args.calibration_rows)
+    chosen = examples[::step][:args.calibration_rows]
+    return [e.text if e.text_pair is None else (e.text, e.text_pair) for e in chosen]
+
+
 def run_quantize(args: argparse.Namespace) -> None:
     from app.manifest import read_manifest
     from bench.report import load_data
     from training.quantize import quantize_bundle
 
     text_columns = args.text_columns.split(",") if args.text_columns else None
-    inputs, labels = load_data(args.dev, read_manifest(args.bundle), text_columns, args.label_column)
-    quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss)
+    manifest = read_manifest(args.bundle)
+    inputs, labels = load_data(args.dev, manifest, text_columns, args.label_column)
+    quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss,
+                    method=args.method, calibration_inputs=calibration_text(args, manifest))
     print(f"int8 bundle written to {args.out}")
 
 
@@ -175,6 +198,13 @@ def register(subparsers) -> None:
     quantize.add_argument("--calibration-tolerance", type=float, default=0.5)
     quantize.add_argument("--max-loss", type=float, default=0.5,
                           help="refuse the int8 bundle if full-depth dev accuracy drops by more points")
+    quantize.add_argument("--method", choices=["static", "weight-only"], default="static",
+                          help="static: int8 compute, activation scales calibrated offline (default); "
+                               "weight-only: 8-bit MatMul weights, fp32 compute")
+    quantize.add_argument("--calibration", type=Path,
+                          help="training text for static scales (default: the manifest's training file)")
+    quantize.add_argument("--calibration-rows", type=int, default=300,
+                          help="rows of calibration text, spread through the file (default 300)")
     quantize.set_defaults(func=run_quantize)
 
     card = subparsers.add_parser("card", help="write a bundle's model card (README.md) and calibration plot")

@@ -1,12 +1,19 @@
-"""8-bit weight-only quantisation of a verified fp32 bundle, checked on dev and recalibrated.
+"""int8 quantisation of a verified fp32 bundle, checked on dev and recalibrated.
 
-MatMul weights become 8-bit blocks (ONNX Runtime's MatMulNBits, block 32, symmetric; activations
-are quantised per row block at run time) and the embedding tables (Gather) int8 with one scale.
-Every scale is fixed by the weights or by a single row, never by the batch, so a row's answer
-still does not depend on its batch-mates. (Dynamic int8 quantisation, whose activation scale
-spans the whole batch, was measured faster but breaks that: docs/quantization.md.) The quantised
-bundle keeps the fp32 export's verification, records both dev accuracies, is checked for row
-independence, and has its calibration table and recommended threshold measured again.
+Two methods; both fix every scale offline (from the weights, or from calibration text), never
+from the batch, so a row's answer does not depend on its batch-mates (docs/quantization.md):
+
+- `static` (the default): int8 compute. Each layer graph is quantised by NNCF's post-training
+  quantisation (transformer preset: SmoothQuant, int8 per-channel weights, int8 activations with
+  scales calibrated on the hidden states that really enter that layer, produced by the layers
+  already quantised below it, one unpadded training row at a time). The activations are then
+  re-expressed as uint8 with zero point 128, the same grid exactly, because ONNX Runtime's x86
+  int8 kernels (VNNI) want u8 activations x s8 weights; s8 x s8 falls back to a slow path.
+- `weight-only`: MatMul weights in 8-bit blocks of 32 (MatMulNBits); fp32 compute.
+
+The embedding tables (Gather) are int8 with one scale in both. The quantised bundle keeps the fp32
+export's verification, records both dev accuracies, is checked for row independence, refused if
+it loses more than `max_loss_points` of full-depth dev accuracy, and is recalibrated.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -29,12 +37,22 @@ from bench.sweep import calibrate, layer_probabilities, make_batches
 
 log = logging.getLogger(__name__)
 
+METHODS = ("static", "weight-only")
 BITS, BLOCK, ACCURACY_LEVEL = 8, 32, 4
-METHOD = f"weight-only: MatMul {BITS}-bit blocks of {BLOCK} (MatMulNBits, accuracy level {ACCURACY_LEVEL}), Gather int8"
+WEIGHT_ONLY = (f"weight-only: MatMul {BITS}-bit blocks of {BLOCK} (MatMulNBits, accuracy level "
+               f"{ACCURACY_LEVEL}), Gather int8")
+STATIC = ("static int8: NNCF post-training quantisation per layer (transformer preset, SmoothQuant), "
+          "int8 per-channel weights, uint8 activations calibrated on {rows} training rows, Gather int8")
 ROW_TOLERANCE = 1e-5
+CALIBRATION_ROWS = 300
 
 
-def quantize_graph(source: Path, target: Path) -> None:
+def quantize_gather(target: Path) -> None:
+    if any(node.op_type == "Gather" for node in onnx.load(target).graph.node):
+        quantize_dynamic(target, target, op_types_to_quantize=["Gather"], weight_type=QuantType.QInt8)
+
+
+def quantize_weight_only(source: Path, target: Path) -> None:
     model = onnx.load(source)
     if any(node.op_type == "MatMul" for node in model.graph.node):
         config = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
@@ -44,9 +62,89 @@ def quantize_graph(source: Path, target: Path) -> None:
         quantizer.process()
         model = quantizer.model.model
     onnx.save(model, target)
-    if any(node.op_type == "Gather" for node in model.graph.node):
-        quantize_dynamic(target, target, op_types_to_quantize=["Gather"], weight_type=QuantType.QInt8)
+    quantize_gather(target)
 
+
+# -- static int8 -----------------------------------------------------------------------------
+
+def activations_to_uint8(model: onnx.ModelProto) -> int:
+    """Rewrite int8 activation quantisers (zero point z) as uint8 ones (zero point z + 128):
+    q_u8 = q_s8 + 128 on the same scale, so every dequantised value is unchanged. Weights (whose
+    QuantizeLinear input is a constant) stay int8. Returns how many quantisers changed."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def read(name: str):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        if name in constants:
+            return numpy_helper.to_array(constants[name].attribute[0].t)
+        return None
+
+    def write(name: str, value: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(value, name)
+        (initializers[name] if name in initializers else constants[name].attribute[0].t).CopyFrom(tensor)
+
+    changed_outputs, shifted = set(), set()
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or read(node.input[0]) is not None:
+            continue
+        zero_point = read(node.input[2])
+        if zero_point is None or zero_point.dtype != np.int8:
+            continue
+        changed_outputs.add(node.output[0])
+        if node.input[2] not in shifted:
+            write(node.input[2], (zero_point.astype(np.int16) + 128).astype(np.uint8))
+            shifted.add(node.input[2])
+    for node in graph.node:  # the paired DequantizeLinear must read the same grid
+        if node.op_type == "DequantizeLinear" and node.input[0] in changed_outputs and len(node.input) > 2:
+            name = node.input[2]
+            if name not in shifted:
+                write(name, (read(name).astype(np.int16) + 128).astype(np.uint8))
+                shifted.add(name)
+    # Recorded intermediate types would still say int8.
+    del graph.value_info[:]
+    return len(changed_outputs)
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def quantize_static(source: Path, staging: Path, graphs: list[str], encoder: TextEncoder,
+                    calibration_inputs: Sequence) -> None:
+    """Embeddings: Gather int8. Layers: NNCF int8, each calibrated on what enters it."""
+    import nncf
+
+    embeddings, layers = graphs[0], graphs[1:]
+    shutil.copyfile(source / embeddings, staging / embeddings)
+    quantize_gather(staging / embeddings)
+    session = _ort_session(staging / embeddings)
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = []
+    for item in calibration_inputs:  # one row at a time: padding would widen the ranges
+        batch = encoder.encode([item])
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                  "token_type_ids": batch.token_type_ids}
+        (hidden,) = session.run(None, {k: v for k, v in inputs.items() if k in wanted})
+        feeds.append({"hidden": hidden, "attention_mask": batch.attention_mask})
+    for graph in layers:
+        quantized = nncf.quantize(onnx.load(source / graph), nncf.Dataset(feeds),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+        changed = activations_to_uint8(quantized)
+        onnx.save(quantized, staging / graph)
+        log.info("%s: int8, %d activation quantisers", graph, changed)
+        layer = _ort_session(staging / graph)
+        feeds = [{"hidden": layer.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]}
+                 for feed in feeds]
+
+
+# -- the bundle --------------------------------------------------------------------------------
 
 def row_independence(engine: Engine, encoder: TextEncoder, inputs: Sequence) -> float:
     """Largest probability difference of any row between two different batchings."""
@@ -61,21 +159,33 @@ def layer_accuracy(engine: Engine, encoder: TextEncoder, inputs: Sequence, label
 
 
 def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_labels: np.ndarray,
-                    tolerance_points: float = 0.5, max_loss_points: float = 0.5) -> None:
+                    tolerance_points: float = 0.5, max_loss_points: float = 0.5,
+                    method: str = "static", calibration_inputs: Sequence | None = None) -> None:
     """Write the int8 bundle to out_dir, refusing it if full-depth dev accuracy drops by more
-    than `max_loss_points` against the fp32 source."""
+    than `max_loss_points` against the fp32 source, or if a row's answer depends on its batch."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if method == "static" and not calibration_inputs:
+        raise ValueError("static quantisation needs calibration text (training rows)")
     source, out_dir = Path(source), Path(out_dir)
     manifest = read_manifest(source)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        for graph in [manifest.graphs.embeddings, *manifest.graphs.layers]:
-            quantize_graph(source / graph, staging / graph)
+        encoder = TextEncoder.from_file(source / manifest.tokenizer, manifest.max_seq_length)
+        graphs = [manifest.graphs.embeddings, *manifest.graphs.layers]
+        if method == "static":
+            calibration_inputs = list(calibration_inputs)
+            quantize_static(source, staging, graphs, encoder, calibration_inputs)
+            description = STATIC.format(rows=len(calibration_inputs))
+        else:
+            for graph in graphs:
+                quantize_weight_only(source / graph, staging / graph)
+            description = WEIGHT_ONLY
         shutil.copyfile(source / manifest.tokenizer, staging / manifest.tokenizer)
         manifest.files = [describe_file(staging, f.path) for f in manifest.files]
         manifest.name = out_dir.name
 
-        encoder = TextEncoder.from_file(staging / manifest.tokenizer, manifest.max_seq_length)
         fp32 = layer_accuracy(Engine(source, read_manifest(source)), encoder, dev_inputs, dev_labels)
         engine = Engine(staging, manifest)
         int8 = layer_accuracy(engine, encoder, dev_inputs, dev_labels)
@@ -87,7 +197,7 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
         if batch_dependence > ROW_TOLERANCE:
             raise RuntimeError(f"quantised rows depend on their batch: max |diff| {batch_dependence:.2e}")
         manifest.quantization = QuantizationReport(
-            method=METHOD, batch_dependence=batch_dependence,
+            method=description, batch_dependence=batch_dependence,
             source_bytes=sum(f.bytes for f in read_manifest(source, verify_files=False).files),
             fp32_dev_accuracy=fp32, int8_dev_accuracy=int8,
         )

@@ -29,15 +29,84 @@ def test_quantize_refuses_an_accuracy_loss_beyond_the_gate(tiny_bundle, tmp_path
     import training.quantize as q
 
     real = q.layer_accuracy
-    calls = []
+    first = []
 
-    def worse_second_time(*args):
-        calls.append(1)
-        acc = real(*args)
-        return acc if len(calls) == 1 else [a - 0.02 for a in acc]
+    def worse_second_time(*args):  # the int8 model: 2 points under the fp32 one, whatever it scores
+        if not first:
+            first.extend(real(*args))
+            return list(first)
+        return [a - 0.02 for a in first]
 
     monkeypatch.setattr(q, "layer_accuracy", worse_second_time)
     with pytest.raises(RuntimeError, match="int8 loses 2.00 points"):
         main(["quantize", str(tiny_bundle["bundle"]), "--out", str(tmp_path / "x"),
               "--dev", str(tiny_bundle["dev"])])
     assert not (tmp_path / "x").exists()
+
+
+def test_static_int8_layers_compute_in_int8_with_uint8_activations(tiny_int8_bundle):
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = read_manifest(tiny_int8_bundle)
+    assert manifest.quantization.method.startswith("static int8")
+    assert manifest.quantization.batch_dependence <= 1e-5
+    graph = onnx.load(tiny_int8_bundle / manifest.graphs.layers[0]).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                      if n.op_type == "Constant"})
+    activation_zero_points = [constants[n.input[2]].dtype for n in graph.node
+                              if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    weights = [constants[n.input[0]].dtype for n in graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert activation_zero_points and all(d == "uint8" for d in activation_zero_points)
+    assert weights and all(d == "int8" for d in weights)
+
+
+def test_uint8_rewrite_keeps_every_dequantised_value():
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from training.quantize import activations_to_uint8
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("MatMul", ["xd", "w"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(-7, np.int8), "z"), numpy_helper.from_array(weight, "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": (rng.normal(size=(2, 4)) * 5).astype(np.float32)}  # some values saturate
+    before = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+    assert activations_to_uint8(model) == 1
+    assert numpy_helper.to_array(model.graph.initializer[1]).tolist() == 121
+    after = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+    np.testing.assert_array_equal(before, after)
+
+
+def test_static_quantisation_needs_calibration_text(tiny_bundle, tmp_path):
+    import json
+
+    import pytest
+
+    from training.quantize import quantize_bundle
+
+    with pytest.raises(ValueError, match="calibration text"):
+        quantize_bundle(tiny_bundle["bundle"], tmp_path / "x", ["a"], [0], method="static")
+    # The CLI says which file it looked for when the manifest's training file is gone.
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(tiny_bundle["bundle"], moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["provenance"]["train"]["path"] = str(tmp_path / "gone.tsv")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="--calibration FILE"):
+        main(["quantize", str(moved), "--out", str(tmp_path / "y"), "--dev", str(tiny_bundle["dev"])])

@@ -1,0 +1,167 @@
+"""Execution backends of the engine: ONNX Runtime (CPU, CUDA) and OpenVINO (CPU).
+
+Each runs a bundle's graphs one at a time, holding a layer's hidden states in whatever form the
+next layer takes them (numpy, or an ONNX Runtime value on the GPU); the engine above them owns
+the exit rule and never sees the difference. One backend serves a bundle: a row's answer never
+depends on which runtime its batch size would have picked.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from app.encoding import EncodedBatch
+from app.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_NAMES = ("cpu", "cuda", "openvino")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested runtime is not installed."""
+
+
+def _embedding_feeds(batch: EncodedBatch, wanted: set[str]) -> dict[str, np.ndarray]:
+    # Position-only embeddings need no mask, and the exporter drops unused inputs.
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+             "token_type_ids": batch.token_type_ids}
+    return {k: v for k, v in feeds.items() if k in wanted}
+
+
+class OrtBackend:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, provider: str, threads: int,
+                 io_binding: bool | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.providers = self.choose_providers(provider)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One session per layer: threads spinning in idle sessions would steal the CPU from
+        # the session that is running.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def session(name: str):
+            return ort.InferenceSession(str(bundle_dir / name), sess_options=options,
+                                        providers=self.providers)
+
+        self.embeddings = session(manifest.graphs.embeddings)
+        self.layers = [session(name) for name in manifest.graphs.layers]
+        self.active_provider = self.embeddings.get_providers()[0]
+        self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
+        # With I/O binding the hidden states stay on the provider's device from layer to
+        # layer; only the small logits come back. Default: on wherever the device is not the CPU.
+        self.device = "cuda" if self.active_provider == ORT_PROVIDERS["cuda"] else "cpu"
+        self.io_binding = self.device != "cpu" if io_binding is None else io_binding
+
+    def choose_providers(self, provider: str) -> list[str]:
+        """The providers to ask ONNX Runtime for; CUDA falls back to CPU with a warning."""
+        if provider == "cuda":
+            if ORT_PROVIDERS["cuda"] in self._ort.get_available_providers():
+                return [ORT_PROVIDERS["cuda"], ORT_PROVIDERS["cpu"]]
+            log.warning("CUDA provider requested but not available in onnxruntime; using CPU")
+        return [ORT_PROVIDERS["cpu"]]
+
+    def _bound_run(self, session, inputs: dict, outputs: dict[str, str]) -> list:
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, device in outputs.items():
+            binding.bind_output(name, device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def embed(self, batch: EncodedBatch):
+        feeds = _embedding_feeds(batch, self._embedding_inputs)
+        if not self.io_binding:
+            return self.embeddings.run(None, feeds)[0]
+        (hidden,) = self._bound_run(self.embeddings, feeds, {"hidden": self.device})
+        return hidden
+
+    def layer(self, index: int, hidden, attention_mask: np.ndarray):
+        """Layer `index` (0-based) -> (hidden states, exit logits as numpy)."""
+        feeds = {"hidden": hidden, "attention_mask": attention_mask}
+        if not self.io_binding:
+            return tuple(self.layers[index].run(None, feeds))
+        hidden, logits = self._bound_run(self.layers[index], feeds,
+                                         {"hidden_out": self.device, "logits": "cpu"})
+        return hidden, logits.numpy()
+
+    def select(self, hidden, rows: np.ndarray, longest: int):
+        """The staying rows, trimmed to their longest; on the device this is one round trip,
+        paid only at layers where some but not all rows leave."""
+        if not self.io_binding:
+            return hidden[rows, :longest]
+        kept = np.ascontiguousarray(hidden.numpy()[rows, :longest])
+        return self._ort.OrtValue.ortvalue_from_numpy(kept, self.device, 0)
+
+    def to_numpy(self, hidden) -> np.ndarray:
+        return hidden if isinstance(hidden, np.ndarray) else hidden.numpy()
+
+
+class OpenVinoBackend:
+    """OpenVINO's CPU runtime on the bundle's ONNX graphs (int8 QDQ graphs run its int8 kernels).
+
+    Precision is pinned to f32 for what is not quantised: OpenVINO's default on CPUs with
+    AVX-512 BF16 is bf16, whose rounding would make a row's answer depend on the graph's shapes.
+    """
+
+    active_provider = "OpenVINOExecutionProvider"
+    io_binding = False
+    device = "cpu"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int, precision: str = "f32"):
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise BackendUnavailable(
+                "provider openvino needs the openvino package: pip install 'offramp[openvino]'"
+            ) from exc
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+
+        def compiled(name: str):
+            return core.compile_model(core.read_model(str(bundle_dir / name)), "CPU", config)
+
+        embeddings = compiled(manifest.graphs.embeddings)
+        self._embedding_inputs = {i.get_any_name() for i in embeddings.inputs}
+        self.embeddings = embeddings.create_infer_request()
+        self.layers = [compiled(name).create_infer_request() for name in manifest.graphs.layers]
+
+    def embed(self, batch: EncodedBatch) -> np.ndarray:
+        self.embeddings.infer(_embedding_feeds(batch, self._embedding_inputs))
+        return self.embeddings.get_output_tensor(0).data.copy()
+
+    def layer(self, index: int, hidden: np.ndarray, attention_mask: np.ndarray):
+        request = self.layers[index]
+        request.infer({"hidden": np.ascontiguousarray(hidden), "attention_mask": attention_mask})
+        # The request's output buffers are reused by its next call: copy them out.
+        return request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy()
+
+    def select(self, hidden: np.ndarray, rows: np.ndarray, longest: int) -> np.ndarray:
+        return hidden[rows, :longest]
+
+    def to_numpy(self, hidden) -> np.ndarray:
+        return hidden
+
+
+def make_backend(bundle_dir: Path, manifest: Manifest, provider: str, threads: int,
+                 io_binding: bool | None = None):
+    if provider not in PROVIDER_NAMES:
+        raise ValueError(f"provider must be one of {list(PROVIDER_NAMES)}, not {provider!r}")
+    if provider == "openvino":
+        if io_binding:
+            raise ValueError("I/O binding is an ONNX Runtime feature; provider openvino has none")
+        return OpenVinoBackend(bundle_dir, manifest, threads)
+    return OrtBackend(bundle_dir, manifest, provider, threads, io_binding)
