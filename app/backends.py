@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_NAMES = ("cpu", "cuda", "openvino")
+# On the CPU, a graph call this small (rows x tokens) runs faster on one thread than on several:
+# waking the pool costs more than it shares (measured, MiniLM int8 layer: 1 thread 364 rows/s
+# against 2 threads 277 at one row of ~25 tokens; level at ~60 tokens; docs/benchmarks.md).
+SINGLE_THREAD_TOKENS = 64
 
 
 class BackendUnavailable(RuntimeError):
@@ -40,26 +44,35 @@ class OrtBackend:
 
         self._ort = ort
         self.providers = self.choose_providers(provider)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One session per layer: threads spinning in idle sessions would steal the CPU from
-        # the session that is running.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-        def session(name: str):
-            return ort.InferenceSession(str(bundle_dir / name), sess_options=options,
-                                        providers=self.providers)
+        def options(intra_op_threads: int):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # One session per layer: threads spinning in idle sessions would steal the CPU
+            # from the session that is running.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return options
 
-        self.embeddings = session(manifest.graphs.embeddings)
-        self.layers = [session(name) for name in manifest.graphs.layers]
+        def session(name: str, opts):
+            return ort.InferenceSession(str(bundle_dir / name), sess_options=opts, providers=self.providers)
+
+        wide = options(threads)
+        self.embeddings = session(manifest.graphs.embeddings, wide)
+        self.layers = [session(name, wide) for name in manifest.graphs.layers]
         self.active_provider = self.embeddings.get_providers()[0]
         self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
         # With I/O binding the hidden states stay on the provider's device from layer to
         # layer; only the small logits come back. Default: on wherever the device is not the CPU.
         self.device = "cuda" if self.active_provider == ORT_PROVIDERS["cuda"] else "cpu"
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
+        # Small calls on the CPU go to one-thread twins of the layer sessions (same graphs, same
+        # kernels: the answer does not change, only who computes it).
+        self.narrow_layers = None
+        if self.device == "cpu" and threads > 1:
+            narrow = options(1)
+            self.narrow_layers = [session(name, narrow) for name in manifest.graphs.layers]
 
     def choose_providers(self, provider: str) -> list[str]:
         """The providers to ask ONNX Runtime for; CUDA falls back to CPU with a warning."""
@@ -92,7 +105,10 @@ class OrtBackend:
         """Layer `index` (0-based) -> (hidden states, exit logits as numpy)."""
         feeds = {"hidden": hidden, "attention_mask": attention_mask}
         if not self.io_binding:
-            return tuple(self.layers[index].run(None, feeds))
+            sessions = self.layers
+            if self.narrow_layers is not None and attention_mask.size <= SINGLE_THREAD_TOKENS:
+                sessions = self.narrow_layers
+            return tuple(sessions[index].run(None, feeds))
         hidden, logits = self._bound_run(self.layers[index], feeds,
                                          {"hidden_out": self.device, "logits": "cpu"})
         return hidden, logits.numpy()

@@ -184,12 +184,15 @@ def resolve_checkpoint(manifest: Manifest, checkpoint: Path | None) -> Path:
     return path
 
 
-def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.ndarray,
-                     threads: int, repeats: int = 2) -> dict:
-    """Full-depth accuracy and throughput of the checkpoint under the standard transformers
-    forward (`backbone(...).last_hidden_state`) and the teacher classifier, on the same batches."""
-    import torch
+def pytorch_classifier(checkpoint: Path, manifest: Manifest, attn_implementation: str | None = None):
+    """(module, meta): the checkpoint at full depth as one torch module,
+    (input_ids, attention_mask, token_type_ids) -> the teacher classifier's logits, under the
+    standard transformers forward (`backbone(...).last_hidden_state`). `attn_implementation`
+    None is transformers' default (SDPA), as a user would load it, not the eager attention the
+    layer-by-layer export path uses. A student that is not a transformers model (MobileBERT)
+    runs its own PyTorch forward. Checked against the bundle: same labels, layers and classes."""
     import transformers
+    from torch import nn
 
     from training.model import EarlyExitModel
 
@@ -200,22 +203,41 @@ def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.n
     if model.num_layers != manifest.num_layers or model.num_labels != len(manifest.labels):
         raise BenchError(f"{checkpoint}: {model.num_layers} layers / {model.num_labels} labels, "
                          f"the bundle has {manifest.num_layers} / {len(manifest.labels)}")
-    # The baseline is transformers as a user would load it: default attention (SDPA), not the
-    # eager attention the layer-by-layer export path uses. A student that is not a transformers
-    # model (MobileBERT) runs its own PyTorch forward.
     plain_transformers = not meta.get("backbone_kind")
     if plain_transformers:
-        model.backbone = transformers.AutoModel.from_pretrained(str(checkpoint)).eval()
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model.backbone = transformers.AutoModel.from_pretrained(str(checkpoint), **kwargs).eval()
+
+    class FullDepth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.plain_transformers = plain_transformers
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            if self.plain_transformers:
+                hidden = self.model.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                             token_type_ids=token_type_ids).last_hidden_state
+            else:
+                hidden = self.model.hidden_states(input_ids, attention_mask, token_type_ids)[-1]
+            return self.model.heads[-1](hidden, attention_mask)
+
+    return FullDepth().eval(), meta
+
+
+def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.ndarray,
+                     threads: int, repeats: int = 2) -> dict:
+    """Full-depth accuracy and throughput of the checkpoint under the standard transformers
+    forward (`backbone(...).last_hidden_state`) and the teacher classifier, on the same batches."""
+    import torch
+    import transformers
+
+    module, _ = pytorch_classifier(checkpoint, manifest)
     tensors = [(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask),
                 torch.from_numpy(b.token_type_ids)) for b in batches]
 
     def classify(input_ids, attention_mask, token_type_ids):
-        if plain_transformers:
-            hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                    token_type_ids=token_type_ids).last_hidden_state
-        else:
-            hidden = model.hidden_states(input_ids, attention_mask, token_type_ids)[-1]
-        return model.heads[-1](hidden, attention_mask).argmax(-1)
+        return module(input_ids, attention_mask, token_type_ids).argmax(-1)
 
     def run_all() -> tuple[np.ndarray, float]:
         start = time.perf_counter()
@@ -237,7 +259,7 @@ def pytorch_baseline(checkpoint: Path, manifest: Manifest, batches, labels: np.n
         "checkpoint": str(checkpoint),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "attn_implementation": getattr(model.backbone.config, "_attn_implementation", None),
+        "attn_implementation": getattr(module.model.backbone.config, "_attn_implementation", None),
         "threads": threads,
         "accuracy": float((predictions == labels).mean()),
         "throughput_rows_per_s": len(labels) / seconds,
