@@ -144,8 +144,10 @@ class OpenVinoBackend:
                 "provider openvino needs the openvino package: pip install 'offramp[openvino]'"
             ) from exc
         core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        # No run-time activation quantisation either (OpenVINO's default for weight-compressed
+        # graphs): its groups would span the batch.
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
 
         def compiled(name: str):
             return core.compile_model(core.read_model(str(bundle_dir / name)), "CPU", config)

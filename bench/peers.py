@@ -4,7 +4,7 @@ against the runtimes a user would pick instead, all at full depth, in one run.
 Peers (bench.peer_runtimes; docs/peers.md): torch (transformers, default SDPA attention, + the
 teacher head), ort (the whole model as one ONNX graph, BERT-fused by onnxruntime.transformers,
 fp32), ort-int8 (that graph + quantize_dynamic, QInt8 weights), openvino (the unfused ONNX graph,
-fp32 pinned), openvino-int8 (NNCF post-training quantisation on up to 300 calibration rows, the
+fp32 weights, the CPU's default precision), openvino-int8 (NNCF post-training quantisation on up to 300 calibration rows, the
 CPU's default inference precision), ct2-int8 (CTranslate2 int8 encoder + the teacher head).
 
 Methodology: the rows are tokenised once with the bundle's tokenizer; batch size B is the rows in

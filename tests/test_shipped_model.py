@@ -49,3 +49,30 @@ def test_recommended_threshold_exits_early_and_answers_sentiment():
     result = model.engine.run(batch, model.manifest.recommended_threshold)
     assert [model.labels[i] for i in result.probabilities.argmax(axis=1)] == ["positive", "negative"]
     assert result.exit_layer.max() < model.manifest.num_layers
+
+
+@pytest.mark.parametrize("provider", ["cpu", "openvino"])
+def test_a_row_alone_answers_as_in_a_mixed_batch(provider):
+    """The engine's contract on the shipped int8 bundle, on every backend offered: each row,
+    alone vs in a batch of other lengths and thresholds (split into length groups, compacted
+    after every layer): same label, same exit layer, probabilities within 1e-5."""
+    if provider == "openvino":
+        pytest.importorskip("openvino", reason="provider openvino needs: pip install 'offramp[openvino]'")
+    if not SST2.is_dir():
+        pytest.skip("shared data not found")
+    from app.engine import Engine
+
+    manifest = read_manifest(BUNDLE)
+    model = load_model(BUNDLE, intra_op_threads=2)
+    engine = Engine(BUNDLE, manifest, provider=provider, intra_op_threads=2)
+    texts = [e.text for e in read_examples(SST2 / "dev.tsv").examples[:48]]
+    thresholds = np.linspace(0.0, 1.0, len(texts)).astype(np.float32)
+    batch = model.encoder.encode(texts)
+    assert len(engine.groups(batch)) > 1
+    mixed = engine.run(batch, thresholds)
+    assert len(set(mixed.exit_layer.tolist())) > 2
+    for i, text in enumerate(texts):
+        alone = engine.run(model.encoder.encode([text]), thresholds[i])
+        assert alone.exit_layer[0] == mixed.exit_layer[i]
+        assert alone.probabilities[0].argmax() == mixed.probabilities[i].argmax()
+        np.testing.assert_allclose(alone.probabilities[0], mixed.probabilities[i], atol=1e-5)
