@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(None, ge=1, description="threads per inference; default: the cgroup CPU quota")
     # batching
     batching: bool = Field(True, description="merge concurrent requests into shared batches")
-    max_batch_rows: int = Field(8, ge=1, description="rows per batch (on CPU, larger batches cost more per row: docs/serving.md)")
+    max_batch_rows: int = Field(32, ge=1, description="rows per batch (the engine splits a batch into length groups: docs/serving.md)")
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (rows x longest row)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first row of a batch waits for company")
     max_queue_rows: int = Field(2048, ge=1, description="rows waiting per model; beyond: 429 with Retry-After")

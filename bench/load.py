@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--threshold", type=float)
     p.add_argument("--threads", type=int, help="server intra-op threads")
+    p.add_argument("--max-batch-rows", type=int, help="the batching server's OFFRAMP_MAX_BATCH_ROWS (default: its default)")
     p.add_argument("--repeats", type=int, default=1, help="with --compare-batching: interleaved runs, best kept")
     p.add_argument("--http-ceiling", action="store_true",
                    help="with --compare-batching: also the same load with an out-of-range threshold, which "
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for name, batching in (("batching", True), ("no_batching", False)):
                 servers[name] = start_server(args.model_dir, batching=batching, intra_op_threads=args.threads,
-                                             log_level="warning")
+                                             log_level="warning",
+                                             max_batch_rows=args.max_batch_rows if batching else None)
             trials = {name: [] for name in servers}
             for _ in range(args.repeats):
                 for name, (_, url) in servers.items():
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         p.error("give --url or --compare-batching")
     report = {"data": str(args.data), "clients": args.clients, "requests": args.requests, "repeats": args.repeats,
+              "max_batch_rows": args.max_batch_rows,
               "threshold": args.threshold, "machine": {"cpu": platform.processor() or platform.machine(),
                                                        "cores": os.cpu_count()}, "runs": runs}
     if "batching" in runs and "no_batching" in runs:
