@@ -10,7 +10,7 @@ from pathlib import Path
 
 from app.registry import load_model
 from bench.report import load_data
-from bench.sweep import make_batches, timed_run
+from app.calibration import make_batches, timed_run
 
 
 def main(argv: list[str] | None = None) -> None:

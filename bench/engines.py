@@ -23,7 +23,7 @@ from app.encoding import TextEncoder
 from app.engine import GROUP_CALL_COST_TOKENS, Engine
 from app.manifest import read_manifest
 from bench.report import load_data, machine_info
-from bench.sweep import make_batches
+from app.calibration import make_batches
 
 
 def parse_config(spec: str) -> dict:

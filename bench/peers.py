@@ -57,7 +57,7 @@ from app.threads import cpu_quota  # noqa: E402
 from bench.peer_runtimes import (  # noqa: E402
     INSTALL_HINT, PEERS, RANDOM_HEAD, PeerSkipped, PeerSource, build_peer, peer_weights)
 from bench.report import BenchError, load_data, machine_info, write_json  # noqa: E402
-from bench.sweep import make_batches  # noqa: E402
+from app.calibration import make_batches  # noqa: E402
 from training.data import read_examples  # noqa: E402
 
 DEFAULT_THRESHOLDS = [round(0.1 * i, 1) for i in range(11)]

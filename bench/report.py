@@ -36,8 +36,8 @@ from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
-from bench.sweep import fine_grid, make_batches, timed_run
-from training.data import read_examples
+from app.calibration import fine_grid, make_batches, timed_run
+from training import labelled
 
 DEFAULT_THRESHOLDS = fine_grid(0.05)
 
@@ -76,25 +76,19 @@ def parse_thresholds(spec: str) -> list[float]:
 
 
 def label_ids(file_labels: Sequence[str], manifest: Manifest) -> np.ndarray:
-    """Class ids of a data file's raw labels, through the manifest's one label mapping."""
     try:
-        return np.array(manifest.label_ids(file_labels), dtype=np.int64)
-    except ValueError as exc:
-        raise BenchError(f"cannot map the file's labels: {exc}") from exc
+        return labelled.label_ids(file_labels, manifest)
+    except labelled.LabelError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def load_data(path: Path, manifest: Manifest, text_columns: Sequence[str] | None = None,
               label_column: str | None = None) -> tuple[list, np.ndarray]:
-    """Model inputs (texts, or (text, pair) tuples) and class ids of a labelled file."""
-    examples = read_examples(path, text_columns, label_column, require_labels=True).examples
-    paired = examples[0].text_pair is not None
-    if paired != manifest.text_pair:
-        raise BenchError(
-            f"{path}: the bundle expects {'text pairs' if manifest.text_pair else 'single texts'} "
-            f"but the file has {'two' if paired else 'one'} text column(s); pass --text-columns"
-        )
-    inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in examples]
-    return inputs, label_ids([e.label for e in examples], manifest)
+    """`training.labelled.load_data`, with a file that does not fit the bundle as a BenchError."""
+    try:
+        return labelled.load_data(path, manifest, text_columns, label_column)
+    except labelled.LabelError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 # -- measurements -------------------------------------------------------------------------------

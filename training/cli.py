@@ -170,7 +170,7 @@ def calibration_text(args: argparse.Namespace, manifest) -> list | None:
 
 def run_quantize(args: argparse.Namespace) -> None:
     from app.manifest import read_manifest
-    from bench.report import load_data
+    from training.labelled import load_data
     from training.quantize import quantize_bundle
 
     text_columns = args.text_columns.split(",") if args.text_columns else None

@@ -28,7 +28,7 @@ from app.manifest import (
     describe_file,
     write_manifest,
 )
-from bench.sweep import calibrate
+from app.calibration import calibrate
 from training.model import EarlyExitModel
 
 log = logging.getLogger(__name__)

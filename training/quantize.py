@@ -33,7 +33,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQua
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import QuantizationReport, describe_file, read_manifest, write_manifest
-from bench.sweep import calibrate, layer_probabilities, make_batches
+from app.calibration import calibrate, layer_probabilities, make_batches
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from bench.report import (
     run_bench,
     write_json,
 )
-from bench.sweep import layer_probabilities, make_batches
+from app.calibration import layer_probabilities, make_batches
 from tests.tiny import SST2, sst2_subset, tiny_teacher, write_rows
 from training.data import read_examples
 

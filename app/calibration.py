@@ -1,7 +1,8 @@
-"""Threshold sweeps through the real ONNX engine: accuracy, exit depth and measured speed.
+"""Threshold sweeps through the real engine: accuracy, exit depth and measured speed.
 
-Export uses `calibrate` to store the calibration table and recommended threshold in the
-manifest; `offramp bench` uses the same pieces for its report.
+Below both users: export and quantisation (`training/`) use `calibrate` to store the calibration
+table and recommended threshold in the manifest; `offramp bench` (`bench/`) uses the same pieces
+for its reports. The server itself never imports it.
 """
 
 from __future__ import annotations
