@@ -18,3 +18,17 @@ def require_api_key(request: Request) -> None:
     # Constant-time comparison: the response time must not reveal how much of a key matched.
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
         raise RequestError(401, "authorization", "a valid Bearer API key is required", "unauthorized")
+
+
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def anonymous_exposure(settings) -> str | None:
+    """Why the server must not start: no key on an address others can reach, unless on purpose."""
+    if settings.api_key is not None or settings.allow_anonymous:
+        return None
+    host = settings.host.strip("[]").lower()
+    if host in LOOPBACK_HOSTS or host.startswith("127."):
+        return None
+    return (f"refusing to serve {settings.host} without an API key: set OFFRAMP_API_KEY, or "
+            "OFFRAMP_ALLOW_ANONYMOUS=true to serve predict and reload to anyone on purpose")

@@ -28,7 +28,13 @@ def serve(args: argparse.Namespace) -> None:
     from app import logs
     from app.server import create_app
 
+    from app.auth import anonymous_exposure
+
     settings = _settings(args)
+    refusal = anonymous_exposure(settings)
+    if refusal:
+        print(f"offramp serve: error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     logs.configure(settings.log_level)
     app = create_app(settings)
 

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2_000_000, ge=1, description="request body size (413 beyond)")
     # operations
     api_key: SecretStr | None = Field(None, description="Bearer key for predict and admin routes; unset: open")
+    allow_anonymous: bool = Field(
+        False, description="serve without an api_key on a non-loopback address (refused otherwise)")
     log_level: str = Field("info", description="log level")
     log_text: bool = Field(False, description="include input texts in request logs")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may take")
