@@ -3,8 +3,12 @@
 #   CPU (default target):  docker build -t offramp:cpu .
 #   GPU:                   docker build --target gpu -t offramp:gpu .
 #   Other base:            docker build --build-arg BASE_IMAGE=my/python:3.11 -t offramp:cpu .
-#   Run:                   docker run --rm -p 8000:8000 offramp:cpu
-#   Other bundles:         docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" offramp:cpu
+#   Run:                   docker run --rm -p 8000:8000 -e OFFRAMP_API_KEY="$(openssl rand -hex 32)" offramp:cpu
+#   Other bundles:         docker run --rm -p 8000:8000 -e OFFRAMP_API_KEY=... -v "$PWD/models:/models:ro" offramp:cpu
+#
+# The image binds 0.0.0.0 and sets no OFFRAMP_API_KEY and no OFFRAMP_ALLOW_ANONYMOUS: without a
+# key `offramp serve` exits 2 rather than serve predict and reload to anyone. An open demo must
+# say so: -e OFFRAMP_ALLOW_ANONYMOUS=true.
 #
 # The runtime image holds the serving install only (`pip install .`, no extras: no torch, no
 # transformers, no compilers, no pip), in /opt/venv, and the bundles of models/ in /models.
@@ -102,7 +106,8 @@ RUN if command -v useradd >/dev/null; then \
     fi
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=bundles /models /models
-# OFFRAMP_HOST 0.0.0.0: reachable from outside the container. /models may be replaced by a
+# OFFRAMP_HOST 0.0.0.0: reachable from outside the container, so the server wants OFFRAMP_API_KEY
+# at run time (deliberately not set here, nor OFFRAMP_ALLOW_ANONYMOUS). /models may be replaced by a
 # mounted folder of bundles. The root filesystem may be read-only: only /tmp is written.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

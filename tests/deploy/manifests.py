@@ -21,9 +21,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 # Every folder of k8s/ that `kubectl apply -k` is meant for (the base is rendered through them).
 KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "variants/hpa-queue-time"]
 
-# OFFRAMP_* names the manifests may set before the server has the setting (the API key arrives
-# with its own issue; the Secret is wired already, optional).
-PENDING_SETTINGS = {"OFFRAMP_API_KEY"}
+# OFFRAMP_* names the manifests may set before the server has the setting (none now: the API
+# key, OFFRAMP_API_KEY, is a setting and its Secret is required).
+PENDING_SETTINGS: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from tests.deploy.manifests import (
     parse_dockerfile,
     routes,
     setting_names,
+    settings_from,
 )
 
 DOCKERFILE = parse_dockerfile()
@@ -105,3 +106,30 @@ def test_dockerignore_keeps_the_context_to_what_the_image_needs():
     assert lines[0] == "*"
     for needed in ("pyproject.toml", "README.md", "app", "training", "bench", "models"):
         assert f"!{needed}" in lines, f".dockerignore must let {needed} through"
+
+
+@pytest.mark.parametrize("stage", RUNTIME_STAGES)
+def test_image_without_a_key_refuses_to_serve(stage):
+    """The image binds 0.0.0.0 and sets neither OFFRAMP_API_KEY nor OFFRAMP_ALLOW_ANONYMOUS:
+    a plain `docker run` without `-e OFFRAMP_API_KEY=...` exits 2 rather than serving openly."""
+    from app.auth import anonymous_exposure
+
+    env = DOCKERFILE.stage(stage).env()
+    assert "OFFRAMP_ALLOW_ANONYMOUS" not in env, f"{stage}: the image must not allow anonymous serving"
+    assert "OFFRAMP_API_KEY" not in env, f"{stage}: no key may be baked into the image"
+    offramp = {k: v for k, v in env.items() if k.startswith("OFFRAMP_")}
+    assert anonymous_exposure(settings_from(offramp)) is not None
+    assert anonymous_exposure(settings_from({**offramp, "OFFRAMP_API_KEY": "k"})) is None
+
+
+def test_container_test_serves_on_loopback_so_it_needs_no_key():
+    """tests/deploy/container_test.sh runs the image's CMD without a key, so it must bind loopback
+    (OFFRAMP_HOST=127.0.0.1 through `buildah config --env`), which the server allows."""
+    from app.auth import anonymous_exposure
+
+    script = (ROOT / "tests" / "deploy" / "container_test.sh").read_text()
+    overrides = dict(re.findall(r"--env (OFFRAMP_\w+)=([^\s\"$]+)(?=\s)", script))
+    assert overrides.get("OFFRAMP_HOST"), "container_test.sh no longer sets OFFRAMP_HOST"
+    env = {k: v for k, v in DOCKERFILE.stage("runtime").env().items() if k.startswith("OFFRAMP_")}
+    assert anonymous_exposure(settings_from({**env, **overrides})) is None, \
+        f"container_test.sh serves {overrides['OFFRAMP_HOST']} without a key: the server will refuse"

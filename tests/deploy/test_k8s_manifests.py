@@ -47,7 +47,8 @@ SOURCES = ["base"] + [pytest.param(k, marks=needs_kubectl) for k in KUSTOMIZATIO
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_renders_every_kind(kustomization):
     kinds = sorted(d["kind"] for d in render(kustomization))
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
+                     "PodDisruptionBudget", "Service"]
 
 
 def _validator():
@@ -159,8 +160,96 @@ def test_environment_names_are_server_settings(source):
     assert threads.get("containerName", c["name"]) == c["name"]
     assert "cpu" in c["resources"]["limits"], "threads come from the CPU limit, which must be set"
 
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_api_key_secret_is_required_and_nothing_allows_anonymous(source):
+    """A pod without the Secret must not start (CreateContainerConfigError) rather than serve
+    predict and reload to anyone; the server itself refuses 0.0.0.0 without a key."""
+    docs = _documents(source)
+    deployment = one(docs, "Deployment")
+    c = container(deployment)
+    data = config_data(docs, deployment)
+    env = {e["name"]: e for e in c.get("env", [])}
+
     key = env["OFFRAMP_API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert key["optional"] is True, "the pod must start without the API-key Secret"
+    assert key.get("optional", False) is False, "the API-key Secret must not be optional"
+    assert key["name"] and key["key"]
+    for src in c.get("envFrom", []):
+        assert not src.get("secretRef", {}).get("optional"), "an optional Secret in envFrom"
+
+    # No variant serves anonymously: OFFRAMP_ALLOW_ANONYMOUS is set nowhere (a demo overlay
+    # would have to set it true on purpose, and this test would have to name it).
+    assert "OFFRAMP_ALLOW_ANONYMOUS" not in data and "OFFRAMP_ALLOW_ANONYMOUS" not in env
+    from app.auth import anonymous_exposure
+
+    assert anonymous_exposure(settings_from(data)) is not None, \
+        "without the key these settings would serve openly: the server must refuse them"
+    assert anonymous_exposure(settings_from({**data, "OFFRAMP_API_KEY": "from-the-secret"})) is None
+
+
+def _allowed_ports(deployment: dict) -> tuple[set, dict]:
+    ports = container(deployment)["ports"]
+    return {p["name"] for p in ports} | {p["containerPort"] for p in ports}, \
+        {p["name"]: p["containerPort"] for p in ports}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_network_policy_admits_only_the_http_port_from_chosen_peers(source):
+    docs = _documents(source)
+    deployment = one(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    policy = one(docs, "NetworkPolicy")
+    spec = policy["spec"]
+
+    # It selects exactly the server's pods: the Deployment's pod labels, nothing else.
+    assert spec["podSelector"] == {"matchLabels": pod_labels}
+    assert {"Ingress", "Egress"} <= set(spec["policyTypes"])
+
+    known, by_name = _allowed_ports(deployment)
+    server_port = int(config_data(docs, deployment)["OFFRAMP_PORT"])
+    rules = spec.get("ingress", [])
+    assert rules, "no ingress rule: nothing could reach the server"
+    for rule in rules:
+        # A rule without ports admits every port; without `from`, every source.
+        assert rule.get("ports"), "an ingress rule without ports admits every port"
+        for p in rule["ports"]:
+            assert p["port"] in known and by_name.get(p["port"], p["port"]) == server_port, \
+                f"ingress to port {p['port']}, the server listens on {server_port}"
+            assert p.get("protocol", "TCP") == "TCP" and "endPort" not in p
+        peers = rule.get("from")
+        assert peers, "an ingress rule without `from` admits every source"
+        for peer in peers:
+            assert "ipBlock" not in peer, "no address ranges: callers are chosen by label"
+            assert peer.get("podSelector") or peer.get("namespaceSelector"), \
+                f"an empty selector admits every pod or namespace: {peer}"
+
+    # Egress: the server opens no connection (models come from the image or a volume).
+    assert spec.get("egress", []) == [], "the server needs no egress; allow only what an overlay adds"
+    assert not deployment["spec"]["template"]["spec"].get("initContainers"), \
+        "an init container may need egress (a model download): allow it in the NetworkPolicy"
+
+
+@needs_kubectl
+def test_queue_time_variant_prometheus_may_scrape_through_the_network_policy():
+    """prometheus-adapter reads Prometheus, which must reach /metrics on the annotated port."""
+    docs = render("variants/hpa-queue-time")
+    deployment = one(docs, "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    values = load_files(K8S / "variants" / "hpa-queue-time" / "prometheus-adapter-values.yaml")[0]
+    # http://prometheus-server.NAMESPACE.svc
+    prometheus_namespace = values["prometheus"]["url"].split("//", 1)[1].split(".")[1]
+
+    _, by_name = _allowed_ports(deployment)
+    admitted = False
+    for rule in one(docs, "NetworkPolicy")["spec"]["ingress"]:
+        ports = {by_name.get(p["port"], p["port"]) for p in rule["ports"]}
+        for peer in rule["from"]:
+            namespaces = peer.get("namespaceSelector", {}).get("matchLabels", {})
+            if (namespaces.get("kubernetes.io/metadata.name") == prometheus_namespace
+                    and "podSelector" not in peer and int(annotations["prometheus.io/port"]) in ports):
+                admitted = True
+    assert admitted, f"the NetworkPolicy does not admit namespace {prometheus_namespace} " \
+                     f"to port {annotations['prometheus.io/port']} for scrapes"
 
 
 @pytest.mark.parametrize("source", SOURCES)
