@@ -16,10 +16,11 @@ from app.schemas import (
     ReloadResponse,
     Timing,
 )
-from app.service import Classification, RequestError, classify_for_http, timing_headers
+from app.http_body import parse_model, parse_version, read_body
+from app.service import Classification, RequestError, classify_for_http, refuse_early, timing_headers
 
 router = APIRouter(prefix="/v1", tags=["v1"])
-ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)}
 
 
 def model_info(request: Request, model: LoadedModel) -> ModelInfo:
@@ -56,33 +57,45 @@ def to_response(result: Classification, return_probabilities: bool) -> PredictRe
     )
 
 
-async def _predict(request: Request, response: Response, model: str, version: int | None,
-                   body: PredictRequest) -> PredictResponse:
-    result = await classify_for_http(request, model, version, body.inputs, "v1", body.threshold,
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}}
+PREDICT = dict(response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS,
+               openapi_extra=PREDICT_BODY, dependencies=[Depends(require_api_key)])
+
+
+async def _predict(request: Request, response: Response, model: str, version: str | None) -> PredictResponse:
+    # The key was checked (a dependency); then the cheapest refusals, and only then is the
+    # body read and parsed: a refused request costs next to nothing.
+    number = parse_version(version)
+    refuse_early(request, model, number, "v1")
+    try:
+        raw = await read_body(request, request.app.state.settings.max_body_bytes)
+        body = parse_model(raw, PredictRequest)
+    except RequestError as exc:
+        request.app.state.metrics.count_request(model, request.app.state.registry, "v1", exc.status)
+        raise
+    result = await classify_for_http(request, model, number, body.inputs, "v1", body.threshold,
                                      body.min_layers, body.max_layers, body.timeout_ms)
     response.headers.update(timing_headers(result))
     return to_response(result, body.return_probabilities)
 
 
-@router.post("/models/{model}/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             responses=ERRORS, dependencies=[Depends(require_api_key)])
-async def predict(model: str, body: PredictRequest, request: Request, response: Response):
-    return await _predict(request, response, model, None, body)
+@router.post("/models/{model}/predict", **PREDICT)
+async def predict(model: str, request: Request, response: Response):
+    return await _predict(request, response, model, None)
 
 
-@router.post("/models/{model}/versions/{version}/predict", response_model=PredictResponse,
-             response_model_exclude_none=True, responses=ERRORS, dependencies=[Depends(require_api_key)])
-async def predict_version(model: str, version: int, body: PredictRequest, request: Request, response: Response):
-    return await _predict(request, response, model, version, body)
+@router.post("/models/{model}/versions/{version}/predict", **PREDICT)
+async def predict_version(model: str, version: str, request: Request, response: Response):
+    return await _predict(request, response, model, version)
 
 
-@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             responses=ERRORS, dependencies=[Depends(require_api_key)])
-async def predict_default(body: PredictRequest, request: Request, response: Response):
+@router.post("/predict", **PREDICT)
+async def predict_default(request: Request, response: Response):
     name = request.app.state.registry.default_name
     if name is None:
         raise RequestError(503, "model", "no model loaded", "unavailable")
-    return await _predict(request, response, name, None, body)
+    return await _predict(request, response, name, None)
 
 
 @router.get("/models", response_model=ModelList)
@@ -107,6 +120,6 @@ async def reload_model(model: str, request: Request):
     registry = request.app.state.registry
     report = await registry.reload(model)
     if not (report.loaded or report.unchanged or report.failed or report.removed):
-        raise RequestError(404, "model", f"no model named {model!r} in {registry.model_dir}", "not_found")
+        raise RequestError(404, "model", f"no model named {model!r} in the model folder", "not_found")
     return ReloadResponse(model=model, loaded=report.loaded, unchanged=report.unchanged, failed=report.failed,
                           removed=report.removed, serving=sorted(registry.versions.get(model, {})))

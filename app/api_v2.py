@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,21 +31,34 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from app import http_body
 from app.auth import require_api_key
 from app.encoding import TextInput
 from app.registry import LoadedModel
 from app.schemas import ErrorResponse
-from app.service import Classification, RequestError, check_inputs, classify_for_http, timing_headers
+from app.service import (
+    Classification,
+    RequestError,
+    check_inputs,
+    classify_for_http,
+    find_model,
+    refuse_early,
+    timing_headers,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2"])
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 429, 503, 504)}
 
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT_NAMES = ("label", "label_id", "probabilities", "exit_layer", "uncertainty")
-# Request parameters: ours, then Triton's own (tritonclient sends binary_data_output, timeout, priority).
+# Request parameters read: ours, then Triton's own (tritonclient sends binary_data_output, timeout,
+# priority). Any other (sequence_id, headers, a client's own) is accepted and ignored, as Triton does.
 MODEL_PARAMETERS = ("threshold", "min_layers", "max_layers", "timeout_ms")
-KNOWN_PARAMETERS = MODEL_PARAMETERS + ("binary_data_output", "timeout", "priority")
+USED_PARAMETERS = MODEL_PARAMETERS + ("binary_data_output", "timeout", "priority")
+# Tensor parameters this server cannot honour: refused, since ignoring them would answer wrongly.
+UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
+                                 "classification")
 REQUEST_KEYS = ("id", "inputs", "outputs", "parameters")
 
 
@@ -99,24 +111,13 @@ def bad(field_name: str, message: str, status: int = 400, error_type: str = "val
     return RequestError(status, field_name, message, error_type)
 
 
-def parse_version(version: str | None) -> int | None:
-    if version is None:
-        return None
-    if not version.isdigit():
-        raise bad("version", f"{version!r} is not a model version (a non-negative integer)")
-    return int(version)
-
-
 def lookup(request: Request, name: str, version: int | None) -> LoadedModel:
     """The loaded model, or the 404 the classification service gives for it."""
-    registry = request.app.state.registry
-    model = registry.get(name, version)
-    if model is not None:
-        return model
-    if name in registry.versions:
-        raise bad("version", f"model {name!r} has no version {version}; loaded: "
-                  f"{sorted(registry.versions[name])}", 404, "not_found")
-    raise bad("model", f"no model named {name!r}; loaded: {sorted(registry.versions)}", 404, "not_found")
+    return find_model(request.app.state.registry, name, version)
+
+
+def parse_version(version: str | None) -> int | None:
+    return http_body.parse_version(version, status=400)
 
 
 def input_names(model: LoadedModel) -> list[str]:
@@ -146,24 +147,6 @@ def is_number(value: Any) -> bool:
 
 
 # -- request parsing -------------------------------------------------------------------------
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise bad("content-encoding", f"{encoding!r} is not supported; use gzip, deflate or none", 415,
-                  "unsupported")
-    # gzip: a gzip wrapper; deflate: as HTTP means it (and tritonclient sends it), a zlib stream.
-    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise bad("body", f"not valid {encoding} data: {exc}") from exc
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise bad("body", f"larger than {limit} bytes once decompressed", 413, "too_large")
-    return data
-
-
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data) of a request."""
     if header_length is None:
@@ -177,10 +160,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 
 def parse_json(header: bytes) -> dict:
-    try:
-        payload = json.loads(header)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad("body", f"invalid JSON: {exc}") from exc
+    payload = http_body.parse_json(header)
     if not isinstance(payload, dict):
         raise bad("body", "must be a JSON object with 'inputs'")
     return payload
@@ -196,13 +176,14 @@ def flatten(data: Any) -> list:
     return out
 
 
-def only_parameter(item: dict, where: str, allowed: str, why: str) -> dict:
-    """A tensor's `parameters` object, which may hold `allowed` and nothing else."""
+def tensor_parameters(item: dict, where: str, why: str) -> dict:
+    """A tensor's `parameters` object; shared memory and classification are refused (this
+    server has neither), any other name is ignored."""
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise bad(f"{where}.parameters", "must be an object")
     for key in parameters:
-        if key != allowed:
+        if key in UNSUPPORTED_TENSOR_PARAMETERS:
             raise bad(f"{where}.parameters.{key}", f"not supported; {why}")
     return parameters
 
@@ -247,6 +228,7 @@ class InferRequest:
     max_layers: int | None = None
     timeout_ms: float | None = None
     outputs: list[RequestedOutput] = field(default_factory=list)
+    ignored_parameters: list[str] = field(default_factory=list)  # echoed, so a typo is visible
 
 
 def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[str],
@@ -274,8 +256,8 @@ def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[s
         raise bad(f"{where}.shape", f"input {name!r} has shape [-1] (one dimension, one row per text), "
                   f"not {shape}")
     count = shape[0]
-    parameters = only_parameter(item, where, "binary_data_size",
-                                "an input's only parameter is binary_data_size (shared memory is not)")
+    parameters = tensor_parameters(item, where, "inputs come in the body (JSON or binary_data_size), "
+                                   "not in shared memory")
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if not is_int(size) or size < 0:
@@ -322,8 +304,8 @@ def parse_outputs(value: Any, default_binary: bool) -> list[RequestedOutput]:
         if name in seen:
             raise bad(f"{where}.name", f"output {name!r} is requested twice")
         seen.add(name)
-        parameters = only_parameter(item, where, "binary_data",
-                                    "an output's only parameter is binary_data (classification and shared memory are not)")
+        parameters = tensor_parameters(item, where, "outputs come in the body (JSON or binary_data); "
+                                       "use the label and probabilities outputs rather than classification")
         binary = parameters.get("binary_data", default_binary)
         if not isinstance(binary, bool):
             raise bad(f"{where}.parameters.binary_data", f"true or false, not {binary!r}")
@@ -342,9 +324,6 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise bad("parameters", "must be an object")
-    for key in parameters:
-        if key not in KNOWN_PARAMETERS:
-            raise bad(f"parameters.{key}", f"unknown parameter; known: {', '.join(KNOWN_PARAMETERS)}")
     layers = model.manifest.num_layers
     threshold = parameters.get("threshold")
     if threshold is not None and not (is_number(threshold) and 0.0 <= threshold <= 1.0):
@@ -399,7 +378,9 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     else:
         texts = list(text.texts)
     outputs = parse_outputs(payload.get("outputs"), default_binary)
-    request = InferRequest(request_id, texts, text.field, threshold, min_layers, max_layers, timeout_ms, outputs)
+    ignored = sorted(str(key) for key in parameters if key not in USED_PARAMETERS)
+    request = InferRequest(request_id, texts, text.field, threshold, min_layers, max_layers, timeout_ms, outputs,
+                           ignored)
     try:
         check_inputs(model, texts, settings, min_layers, max_layers)
     except RequestError as exc:
@@ -407,13 +388,13 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     return request
 
 
-def as_v2_error(exc: RequestError, request: InferRequest) -> RequestError:
+def as_v2_error(exc: RequestError, request: InferRequest | None = None) -> RequestError:
     """A classification-service error with /v2's field names (and 400 for its 422s)."""
     message = str(exc).removeprefix(f"{exc.field}: ")
     name = exc.field
-    if name == "inputs":
+    if request is not None and name == "inputs":
         name = request.text_field
-    elif name.startswith("inputs["):  # a row: inputs[3] -> inputs[0].data[3]
+    elif request is not None and name.startswith("inputs["):  # a row: inputs[3] -> inputs[0].data[3]
         name = f"{request.text_field}.data{name[len('inputs'):]}"
     elif name in MODEL_PARAMETERS:
         name = f"parameters.{name}"
@@ -464,6 +445,8 @@ def infer_response(result: Classification, request: InferRequest) -> Response:
     body["parameters"] = {"threshold": result.threshold, "layers_executed": rows.layers_executed,
                           "layers_full": len(rows.exit_layer) * result.model.manifest.num_layers,
                           "mean_exit_layer": result.mean_exit_layer}
+    if request.ignored_parameters:
+        body["parameters"]["ignored_parameters"] = ",".join(request.ignored_parameters)
     body["outputs"] = outputs
     header = json.dumps(body, separators=(",", ":")).encode()
     headers = timing_headers(result)
@@ -477,15 +460,18 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     app = request.app
     try:
         number = parse_version(version)
+        refuse_early(request, name, number, "v2")  # before the body is read (counted there)
+    except RequestError as exc:
+        raise as_v2_error(exc) from exc
+    try:
         model = lookup(request, name, number)
-        body = decompress(await request.body(), request.headers.get("content-encoding", ""),
-                          app.state.settings.max_body_bytes)
+        body = await http_body.read_body(request, app.state.settings.max_body_bytes)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         parsed = parse_request(parse_json(header), binary, model, app.state.settings)
     except RequestError as exc:
         # Counted like the service counts its own refusals (the service never saw this one).
-        app.state.metrics.requests.labels(name, "v2", str(exc.status)).inc()
-        raise
+        app.state.metrics.count_request(name, app.state.registry, "v2", exc.status)
+        raise as_v2_error(exc) from exc
     try:
         result = await classify_for_http(request, name, number, parsed.texts, "v2", parsed.threshold,
                                          parsed.min_layers, parsed.max_layers, parsed.timeout_ms)

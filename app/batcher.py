@@ -36,6 +36,18 @@ class ShuttingDown(Exception):
     """The batcher no longer takes work."""
 
 
+class Reservation:
+    """Queue room held for a request between admission and its rows entering the queue, so
+    that the expensive work in between (tokenising) is only done for requests that will run."""
+
+    def __init__(self, batcher: Batcher, rows: int):
+        self.batcher, self.rows = batcher, rows
+
+    def release(self) -> None:
+        self.batcher._reserved_rows -= self.rows
+        self.rows = 0
+
+
 @dataclass
 class Job:
     batch: EncodedBatch  # this request's rows, tokenised
@@ -90,13 +102,14 @@ class Batcher:
         self.merge_requests = merge_requests  # False: every request is its own batch
         self.on_batch = on_batch
         self._pending: list[tuple[Job, int]] = []  # (job, row), oldest first
+        self._reserved_rows = 0  # admitted, still being tokenised
         self._wakeup = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task | None = None
 
     @property
     def queued_rows(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self._reserved_rows
 
     def start(self) -> None:
         if self._worker is None:
@@ -110,11 +123,27 @@ class Batcher:
             await self._worker
             self._worker = None
 
-    async def submit(self, job: Job) -> ExitResult:
+    def check_room(self, rows: int) -> None:
+        """QueueFull or ShuttingDown now, before anything is spent on a request of `rows` rows
+        (a request larger than the whole queue is still taken when nothing waits)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if self._pending and len(self._pending) + job.rows > self.max_queue_rows:
-            raise QueueFull(f"{len(self._pending)} rows waiting, at most {self.max_queue_rows}")
+        waiting = len(self._pending) + self._reserved_rows
+        if waiting and waiting + rows > self.max_queue_rows:
+            raise QueueFull(f"{waiting} rows waiting, at most {self.max_queue_rows}")
+
+    def reserve(self, rows: int) -> Reservation:
+        self.check_room(rows)
+        self._reserved_rows += rows
+        return Reservation(self, rows)
+
+    async def submit(self, job: Job, reservation: Reservation | None = None) -> ExitResult:
+        if reservation is None:
+            self.check_room(job.rows)
+        else:
+            reservation.release()
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
         job.future = asyncio.get_running_loop().create_future()
         rows = job.rows
         job.probabilities = np.zeros((rows, len(self.engine.manifest.labels)), dtype=np.float32)

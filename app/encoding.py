@@ -19,6 +19,9 @@ class EncodedBatch:
     attention_mask: np.ndarray  # int64, 1 for real tokens; padding is always on the right
     token_type_ids: np.ndarray
     truncated: np.ndarray  # bool [rows]: the text was longer than max_seq_length
+    # bool [rows]: a text (or one text of a pair) gave no token at all: only characters the
+    # tokenizer drops (NUL, zero-width, combining marks, ...). None when not computed.
+    empty: np.ndarray | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -32,6 +35,7 @@ class EncodedBatch:
             self.attention_mask[index, :longest],
             self.token_type_ids[index, :longest],
             self.truncated[index],
+            None if self.empty is None else self.empty[index],
         )
 
 
@@ -58,10 +62,13 @@ class TextEncoder:
         attention_mask = np.zeros((rows, longest), dtype=np.int64)
         token_type_ids = np.zeros((rows, longest), dtype=np.int64)
         truncated = np.zeros(rows, dtype=bool)
-        for i, e in enumerate(encodings):
+        empty = np.zeros(rows, dtype=bool)
+        for i, (item, e) in enumerate(zip(items, encodings)):
             n = len(e.ids)
             input_ids[i, :n] = e.ids
             attention_mask[i, :n] = 1
             token_type_ids[i, :n] = e.type_ids
             truncated[i] = bool(e.overflowing)
-        return EncodedBatch(input_ids, attention_mask, token_type_ids, truncated)
+            present = set(e.sequence_ids)  # None marks special tokens; 0 and 1 the two texts
+            empty[i] = 0 not in present or (not isinstance(item, str) and 1 not in present)
+        return EncodedBatch(input_ids, attention_mask, token_type_ids, truncated, empty)

@@ -9,6 +9,7 @@ from app.batcher import BatchStats
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LAYER_BUCKETS = tuple(range(1, 25))
+UNKNOWN_MODEL = "_unknown"
 
 
 class Metrics:
@@ -32,6 +33,12 @@ class Metrics:
                                        ["model"], registry=r)
         self.layers_saved = Counter("offramp_layers_saved_total",
                                     "Layers not run thanks to early exit, summed over rows", ["model"], registry=r)
+
+    def count_request(self, model: str, registry, protocol: str, status: int) -> None:
+        """One request; a name that is no model (a typo, a scan) counts under UNKNOWN_MODEL, so
+        clients cannot grow the label set (and the scrape) without bound."""
+        label = model if registry.is_known(model) else UNKNOWN_MODEL
+        self.requests.labels(label, protocol, str(status)).inc()
 
     def observe_batch(self, model: str, num_layers: int, stats: BatchStats) -> None:
         self.batch_size.labels(model).observe(stats.rows)

@@ -24,8 +24,6 @@ from app.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
-LOAD_ERRORS = (ManifestError, OSError, ValueError, RuntimeError)
-
 
 @dataclass
 class LoadedModel:
@@ -128,6 +126,10 @@ class Registry:
             return None
         return versions.get(version if version is not None else max(versions))
 
+    def is_known(self, name: str) -> bool:
+        """Loaded, or on disk and failed: a name worth its own metric label (others share one)."""
+        return name in self.versions or any(key.split("/")[0] == name for key in self.errors)
+
     def all_loaded(self) -> list[LoadedModel]:
         return [m for v in self.versions.values() for m in v.values()]
 
@@ -147,17 +149,40 @@ class Registry:
     async def load_all(self) -> ReloadReport:
         return await self.reload(None)
 
+    def public_error(self, exc: BaseException) -> str:
+        """Why a bundle failed, for clients: paths relative to the model folder (the server's
+        own layout is nobody's business), the exception type where the message alone is vague."""
+        message = str(exc).strip() or type(exc).__name__
+        if not isinstance(exc, (ManifestError, OSError)):
+            message = f"{type(exc).__name__}: {message}"
+        for root in sorted({str(self.model_dir.resolve()), str(self.model_dir)}, key=len, reverse=True):
+            message = message.replace(root + "/", "").replace(root, ".")
+        return message.splitlines()[0][:500]
+
+    def _scan(self) -> dict[str, Path]:
+        try:
+            return find_models(self.model_dir)
+        except OSError as exc:
+            log.error("cannot read the model folder %s: %s", self.model_dir, exc)
+            return {}
+
     async def reload(self, only: str | None = None) -> ReloadReport:
         """Load new or changed versions (of one model, or all), verifying each before it serves;
-        the version being replaced drains its queue before it goes."""
+        the version being replaced drains its queue before it goes. A bundle that fails in any
+        way (files, manifest, tokenizer, sessions, warm-up) is reported and skipped."""
         from anyio import to_thread
 
         report = ReloadReport()
         async with self._lock:
-            found = find_models(self.model_dir)
-            names = [only] if only else sorted(set(found) | set(self.versions))
+            found = self._scan()
+            failed_names = {key.split('/')[0] for key in self.errors}
+            names = [only] if only else sorted(set(found) | set(self.versions) | failed_names)
             for name in names:
-                on_disk = find_versions(found[name]) if name in found else {}
+                try:
+                    on_disk = find_versions(found[name]) if name in found else {}
+                except OSError as exc:
+                    log.error("cannot read model folder %s: %s", found[name], exc)
+                    on_disk = {}
                 serving = self.versions.get(name, {})
                 for version, path in sorted(on_disk.items()):
                     key = f"{name}/{version}"
@@ -168,9 +193,8 @@ class Registry:
                             report.unchanged.append(key)
                             continue
                         model = await to_thread.run_sync(self._load, name, version, path)
-                    except LOAD_ERRORS as exc:
-                        report.failed[key] = str(exc)
-                        self.errors[key] = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - any bad bundle is skipped, never fatal
+                        report.failed[key] = self.errors[key] = self.public_error(exc)
                         log.error("bundle %s not loaded%s: %s", path,
                                   "; the loaded one keeps serving" if current else "", exc)
                         continue
@@ -183,6 +207,9 @@ class Registry:
                 for version in sorted(set(serving) - set(on_disk)):
                     report.removed.append(f"{name}/{version}")
                     await self._retire(self.versions[name].pop(version))
+                for key in [k for k in self.errors if k.split("/")[0] == name]:
+                    if int(key.split("/")[1]) not in on_disk:  # a failed bundle that is gone
+                        del self.errors[key]
                 if name in self.versions and not self.versions[name]:
                     del self.versions[name]
         return report

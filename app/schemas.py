@@ -11,7 +11,9 @@ TextPair = Annotated[list[Text], Field(min_length=2, max_length=2)]
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    # Strict: a threshold is a number and a flag a boolean ("0.5", true or "yes" are refused),
+    # as on /v2.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"inputs": ["a gripping, beautifully acted film"], "threshold": 0.3}]})
 
     inputs: list[Union[Text, TextPair]] = Field(

@@ -12,13 +12,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.batcher import Batcher
+from app.http_body import field_name
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry
-from app.schemas import ErrorResponse
+from app.schemas import ErrorResponse, PredictRequest
 from app.service import RequestError
 from app.settings import Settings
 
@@ -33,54 +35,60 @@ def error_response(status: int, message: str, error_type: str, field: str | None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def field_name(loc: tuple) -> str:
-    """('body', 'inputs', 2, 'constrained-str') -> 'inputs[2]'."""
-    name = ""
-    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        elif str(part).isidentifier():  # skips pydantic's union tags ('constrained-str', ...)
-            name += ("." if name else "") + str(part)
-    return name or "body"
+class BodyGuard:
+    """ASGI middleware: a body over the size limit gets 413 (by its header, or by counting a
+    chunked one), and a body that does not arrive within the time limit gets 408, so a stalled
+    or slow client cannot hold a connection (and its memory) indefinitely."""
 
-
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over the limit, by header or by counting (chunked)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
+            return await _send_error(send, 413, f"body: larger than {self.max_bytes} bytes", "too_large")
+        seen, deadline = 0, asyncio.get_running_loop().time() + self.timeout_s
+        body_done = False
 
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive():
+            nonlocal seen, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline then
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
+            except asyncio.TimeoutError:
+                raise _BodyTimeout() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise _TooLarge()
+                body_done = not message.get("more_body", False)
             return message
 
         try:
-            await self.app(scope, counting_receive, send)
+            await self.app(scope, guarded_receive, send)
         except _TooLarge:
-            await self._reject(send)
+            await _send_error(send, 413, f"body: larger than {self.max_bytes} bytes", "too_large")
+        except _BodyTimeout:
+            log.warning("request body not received within %g s: connection closed", self.timeout_s)
+            await _send_error(send, 408, f"body: not received within {self.timeout_s:g} s", "timeout")
 
-    async def _reject(self, send):
-        response = error_response(413, f"body: larger than {self.max_bytes} bytes", "too_large", "body")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(response.body)).encode())]})
-        await send({"type": "http.response.body", "body": response.body})
+
+async def _send_error(send, status: int, message: str, error_type: str) -> None:
+    response = error_response(status, message, error_type, "body")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                            (b"content-length", str(len(response.body)).encode())]})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _BodyTimeout(Exception):
     pass
 
 
@@ -121,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError):
@@ -141,6 +149,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             field, message = "body", f"invalid JSON: {first.get('ctx', {}).get('error', message)}"
         return error_response(422, f"{field}: {message}", "validation", field)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Routing's own answers (unknown path, wrong method) in the one error shape.
+        if exc.status_code == 404:
+            return error_response(404, f"path: no route {request.url.path[:200]!r}", "not_found", "path")
+        if exc.status_code == 405:
+            return error_response(405, f"method: {request.method} is not allowed on this route", "method",
+                                  "method", headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), "http", None, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unexpected error")
@@ -158,7 +176,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return error_response(503, "no model loaded", "unavailable")
         return {"status": "ready", "models": sorted(registry.versions)}
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def prometheus_metrics():
         for model in registry.all_loaded():
             if model.batcher is not None:
@@ -167,4 +187,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(api_v1.router)
     app.include_router(api_v2.router)
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict:
+        # /v1 reads its bodies itself (after the API key and admission): its schema is added here.
+        if app.openapi_schema is None:
+            schema = fastapi_openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(request_schema.pop("$defs", {}))
+            components["PredictRequest"] = request_schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

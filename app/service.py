@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
+import numpy as np
+
 from app.batcher import Job
 from app.encoding import EncodedBatch, TextInput
 from app.engine import ExitResult
@@ -44,31 +46,66 @@ class Classification:
         return float(self.result.exit_layer.mean())
 
 
+# Characters that make no text on their own; the tokenizer's own verdict (a text that gives no
+# token) catches the rest after tokenising.
+INVISIBLE = "".join(map(chr, [*range(0x00, 0x21), *range(0x7F, 0xA1), 0xAD, 0x34F, 0x180E,
+                              *range(0x200B, 0x2010), *range(0x2028, 0x202F), *range(0x2060, 0x2070),
+                              0x3000, 0xFEFF]))
+# Requests up to this many characters are tokenised on the event loop (well under a
+# millisecond); larger ones in a worker thread, so that health probes never wait for them.
+INLINE_TOKENIZE_CHARS = 4096
+TOKENIZE_THREADS = 2
+RETRIES_ON_RETIRED_VERSION = 3
+
+
 def check_inputs(model: LoadedModel, inputs: Sequence[TextInput], settings: Settings,
-                 min_layers: int | None, max_layers: int | None) -> None:
+                 min_layers: int | None, max_layers: int | None) -> int:
+    """The cheap checks, before anything is queued or tokenised: counts, types, sizes, bounds.
+    Returns the request's characters."""
     if not inputs:
         raise RequestError(422, "inputs", "at least one input is needed")
     if len(inputs) > settings.max_inputs:
         raise RequestError(413, "inputs", f"{len(inputs)} texts, at most {settings.max_inputs} per request",
                            "too_large")
     pair_model = model.manifest.text_pair
+    characters = 0
     for i, item in enumerate(inputs):
         is_pair = not isinstance(item, str)
         if is_pair != pair_model:
             want = "[text, text_pair] pairs" if pair_model else "single texts"
             raise RequestError(422, f"inputs[{i}]", f"model {model.name!r} takes {want}")
         for text in (item if is_pair else [item]):
-            if not text.strip():
-                raise RequestError(422, f"inputs[{i}]", "text is blank")
             if len(text) > settings.max_text_chars:
                 raise RequestError(413, f"inputs[{i}]", f"{len(text)} characters, at most "
                                    f"{settings.max_text_chars}", "too_large")
+            if not text.strip(INVISIBLE):
+                raise RequestError(422, f"inputs[{i}]", "text is blank")
+            characters += len(text)
     layers = model.manifest.num_layers
     if min_layers and max_layers and min_layers > max_layers:
         raise RequestError(422, "min_layers", f"{min_layers} exceeds max_layers {max_layers}")
     for name, value in (("min_layers", min_layers), ("max_layers", max_layers)):
         if value is not None and not 1 <= value <= layers:
             raise RequestError(422, name, f"{value} is outside the model's layers 1..{layers}")
+    return characters
+
+
+_tokenize_limiter = None
+
+
+async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: int) -> EncodedBatch:
+    global _tokenize_limiter
+    from anyio import CapacityLimiter, to_thread
+
+    if characters <= INLINE_TOKENIZE_CHARS:
+        batch = model.encoder.encode(list(inputs))
+    else:
+        _tokenize_limiter = _tokenize_limiter or CapacityLimiter(TOKENIZE_THREADS)
+        batch = await to_thread.run_sync(model.encoder.encode, list(inputs), limiter=_tokenize_limiter)
+    if batch.empty is not None and batch.empty.any():
+        row = int(np.flatnonzero(batch.empty)[0])
+        raise RequestError(422, f"inputs[{row}]", "text is blank: none of its characters makes a token")
+    return batch
 
 
 async def classify(
@@ -81,62 +118,102 @@ async def classify(
     timeout_ms: float | None = None,
     is_disconnected: Callable[[], Awaitable[bool]] | None = None,
 ) -> Classification:
+    """Admission first (cheap counts, then room in the queue, held while tokenising), so a
+    request that will be refused costs next to nothing."""
     start = time.monotonic()
-    check_inputs(model, inputs, settings, min_layers, max_layers)
+    characters = check_inputs(model, inputs, settings, min_layers, max_layers)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise RequestError(422, "threshold", f"{threshold} is outside [0, 1]")
     manifest = model.manifest
     threshold = manifest.recommended_threshold if threshold is None else float(threshold)
-    batch = model.encoder.encode(list(inputs))
-    tokenized = time.monotonic()
-    timeout_ms = timeout_ms or settings.default_timeout_ms
-    job = Job(batch, threshold, min_layers or 1, max_layers or manifest.num_layers,
-              deadline=start + timeout_ms / 1000 if timeout_ms else None,
-              is_disconnected=is_disconnected)
-    result = await model.batcher.submit(job)
+    reservation = model.batcher.reserve(len(inputs))
+    try:
+        batch = await tokenize(model, inputs, characters)
+        tokenized = time.monotonic()
+        timeout_ms = timeout_ms or settings.default_timeout_ms
+        job = Job(batch, threshold, min_layers or 1, max_layers or manifest.num_layers,
+                  deadline=start + timeout_ms / 1000 if timeout_ms else None,
+                  is_disconnected=is_disconnected)
+        result = await model.batcher.submit(job, reservation)
+    finally:
+        reservation.release()
     done = time.monotonic()
     return Classification(model, threshold, batch, result, tokenized - start, job.queue_s,
                           job.inference_s, done - start)
+
+
+def find_model(registry, name: str, version: int | None) -> LoadedModel:
+    model = registry.get(name, version)
+    if model is not None:
+        return model
+    if name in registry.versions:
+        raise RequestError(404, "version", f"model {name!r} has no version {version}; "
+                           f"loaded: {sorted(registry.versions[name])}", "not_found")
+    raise RequestError(404, "model", f"no model named {name!r}; loaded: {sorted(registry.versions)}",
+                       "not_found")
+
+
+def refuse_early(request, model_name: str, version: int | None, protocol: str) -> None:
+    """Before a body is even parsed: unknown model, shutting down, or a full queue. Counted
+    like every other refusal."""
+    from app.batcher import QueueFull, ShuttingDown
+
+    app = request.app
+    registry = app.state.registry
+    try:
+        model = find_model(registry, model_name, version)
+        try:
+            model.batcher.check_room(1)
+        except QueueFull as exc:
+            raise RequestError(429, "inputs", f"server overloaded: {exc}; retry later", "overloaded") from exc
+        except ShuttingDown:
+            if app.state.draining:
+                raise RequestError(503, "model", "the server is shutting down", "unavailable") from None
+            # a version being retired: its successor takes the request once it is parsed
+    except RequestError as exc:
+        app.state.metrics.count_request(model_name, registry, protocol, exc.status)
+        raise
 
 
 async def classify_for_http(request, model_name: str, version: int | None, inputs: Sequence[TextInput],
                             protocol: str, threshold: float | None = None, min_layers: int | None = None,
                             max_layers: int | None = None, timeout_ms: float | None = None) -> Classification:
     """classify() for an HTTP request: model lookup, queue and deadline errors as RequestError,
-    metrics and one structured log line per request."""
+    metrics and one structured log line per request. A request that picked a version while
+    it was being replaced goes to its successor rather than being refused."""
     import asyncio
 
     from app.batcher import DeadlineExceeded, QueueFull, ShuttingDown
 
     app = request.app
     settings, registry, metrics = app.state.settings, app.state.registry, app.state.metrics
-    model = registry.get(model_name, version)
     status = 200
     try:
-        if model is None:
-            known = sorted(registry.versions)
-            if model_name in registry.versions:
-                raise RequestError(404, "version", f"model {model_name!r} has no version {version}; "
-                                   f"loaded: {sorted(registry.versions[model_name])}", "not_found")
-            raise RequestError(404, "model", f"no model named {model_name!r}; loaded: {known}", "not_found")
+        model = find_model(registry, model_name, version)
         timeout_ms = timeout_ms or settings.default_timeout_ms
-        try:
-            work = classify(model, inputs, settings, threshold, min_layers, max_layers, timeout_ms,
-                            request.is_disconnected)
-            result = await (asyncio.wait_for(work, timeout_ms / 1000) if timeout_ms else work)
-        except QueueFull as exc:
-            raise RequestError(429, "inputs", f"server overloaded: {exc}; retry later", "overloaded") from exc
-        except (DeadlineExceeded, asyncio.TimeoutError) as exc:
-            raise RequestError(504, "timeout_ms", f"no answer within {timeout_ms:g} ms", "timeout") from exc
-        except ShuttingDown as exc:
-            raise RequestError(503, "model", str(exc), "unavailable") from exc
-        except ConnectionAbortedError as exc:
-            raise RequestError(499, "request", "client closed the request", "cancelled") from exc
+        for attempt in range(RETRIES_ON_RETIRED_VERSION + 1):
+            try:
+                work = classify(model, inputs, settings, threshold, min_layers, max_layers, timeout_ms,
+                                request.is_disconnected)
+                result = await (asyncio.wait_for(work, timeout_ms / 1000) if timeout_ms else work)
+                break
+            except QueueFull as exc:
+                raise RequestError(429, "inputs", f"server overloaded: {exc}; retry later", "overloaded") from exc
+            except (DeadlineExceeded, asyncio.TimeoutError) as exc:
+                raise RequestError(504, "timeout_ms", f"no answer within {timeout_ms:g} ms", "timeout") from exc
+            except ShuttingDown as exc:
+                successor = registry.get(model_name, version)
+                if app.state.draining or successor is None or successor is model or \
+                        attempt == RETRIES_ON_RETIRED_VERSION:
+                    raise RequestError(503, "model", str(exc), "unavailable") from exc
+                model = successor  # none of its rows was queued: the new version answers it
+            except ConnectionAbortedError as exc:
+                raise RequestError(499, "request", "client closed the request", "cancelled") from exc
     except RequestError as exc:
         status = exc.status
         raise
     finally:
-        metrics.requests.labels(model_name, protocol, str(status)).inc()
+        metrics.count_request(model_name, registry, protocol, status)
     metrics.request_duration.labels(model.name).observe(result.total_s)
     entry = {"event": "predict", "protocol": protocol, "model": model.name, "version": model.version,
              "rows": len(inputs), "threshold": result.threshold,

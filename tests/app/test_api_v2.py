@@ -219,7 +219,6 @@ def text_tensor(data, shape=None, **extra) -> dict:
     ({"inputs": [text_tensor(["a"])], "parameters": {"min_layers": 3, "max_layers": 2}}, 400,
      "parameters.min_layers"),
     ({"inputs": [text_tensor(["a"])], "parameters": {"timeout_ms": -1}}, 400, "parameters.timeout_ms"),
-    ({"inputs": [text_tensor(["a"])], "parameters": {"treshold": 0.5}}, 400, "parameters.treshold"),
     ({"inputs": [text_tensor(["a"])], "parameters": {"binary_data_output": "yes"}}, 400,
      "parameters.binary_data_output"),
     ({"inputs": [text_tensor(["a"])], "outputs": [{"name": "logits"}]}, 400, "outputs[0].name"),

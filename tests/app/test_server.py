@@ -59,7 +59,7 @@ def test_bad_requests_name_the_field(client, body, status, field):
 def test_invalid_json_and_unknown_model(client):
     response = client.post("/v1/models/tiny/predict", content=b"{bad",
                            headers={"content-type": "application/json"})
-    assert response.status_code == 422 and response.json()["field"] == "body"
+    assert response.status_code == 400 and response.json()["field"] == "body"
     response = post(client, {"inputs": ["x"]}, model="nope")
     assert response.status_code == 404 and response.json()["field"] == "model"
 
