@@ -17,7 +17,14 @@ from app.schemas import (
     Timing,
 )
 from app.http_body import parse_model, parse_version, read_body
-from app.service import Classification, RequestError, classify_for_http, refuse_early, timing_headers
+from app.service import (
+    Classification,
+    RequestError,
+    classify_for_http,
+    count_refusal,
+    refuse_early,
+    timing_headers,
+)
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)}
@@ -72,7 +79,7 @@ async def _predict(request: Request, response: Response, model: str, version: st
         raw = await read_body(request, request.app.state.settings.max_body_bytes)
         body = parse_model(raw, PredictRequest)
     except RequestError as exc:
-        request.app.state.metrics.count_request(model, request.app.state.registry, "v1", exc.status)
+        count_refusal(request, model, number, "v1", exc.status)
         raise
     result = await classify_for_http(request, model, number, body.inputs, "v1", body.threshold,
                                      body.min_layers, body.max_layers, body.timeout_ms)

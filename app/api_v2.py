@@ -41,6 +41,7 @@ from app.service import (
     RequestError,
     check_inputs,
     classify_for_http,
+    count_refusal,
     find_model,
     refuse_early,
     timing_headers,
@@ -470,7 +471,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         parsed = parse_request(parse_json(header), binary, model, app.state.settings)
     except RequestError as exc:
         # Counted like the service counts its own refusals (the service never saw this one).
-        app.state.metrics.count_request(name, app.state.registry, "v2", exc.status)
+        count_refusal(request, name, number, "v2", exc.status)
         raise as_v2_error(exc) from exc
     try:
         result = await classify_for_http(request, name, number, parsed.texts, "v2", parsed.threshold,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.batcher import BatchStats
@@ -12,8 +16,35 @@ LAYER_BUCKETS = tuple(range(1, 25))
 UNKNOWN_MODEL = "_unknown"
 
 
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStats:
+    """One model version's statistics in the shape of Triton's statistics extension
+    (GET /v2/models/M/stats), plus the layers its rows exited at."""
+
+    last_inference_ms: int = 0
+    inference_count: int = 0  # rows
+    execution_count: int = 0  # batches
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)  # rows per batch -> its computes
+    exit_layers: Tally = field(default_factory=Tally)
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.stats: dict[tuple[str, int], ModelStats] = {}  # (model, version): loaded versions only
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("offramp_requests_total", "Requests by model, protocol and status",
@@ -40,7 +71,24 @@ class Metrics:
         label = model if registry.is_known(model) else UNKNOWN_MODEL
         self.requests.labels(label, protocol, str(status)).inc()
 
-    def observe_batch(self, model: str, num_layers: int, stats: BatchStats) -> None:
+    def model_stats(self, model: str, version: int) -> ModelStats:
+        return self.stats.setdefault((model, version), ModelStats())
+
+    def observe_request(self, model: str, version: int, seconds: float, ok: bool) -> None:
+        (self.model_stats(model, version).success if ok else self.model_stats(model, version).fail).add(seconds)
+        if ok:
+            self.request_duration.labels(model).observe(seconds)
+
+    def observe_batch(self, model: str, version: int, num_layers: int, stats: BatchStats) -> None:
+        record = self.model_stats(model, version)
+        record.last_inference_ms = int(time.time() * 1000)
+        record.inference_count += stats.rows
+        record.execution_count += 1
+        record.compute_infer.add(stats.inference_s)
+        record.batches.setdefault(stats.rows, Duration()).add(stats.inference_s)
+        for seconds in stats.queue_s:
+            record.queue.add(seconds)
+        record.exit_layers.update(stats.exit_layer.tolist())
         self.batch_size.labels(model).observe(stats.rows)
         self.inference_duration.labels(model).observe(stats.inference_s)
         for seconds in stats.queue_s:

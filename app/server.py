@@ -93,14 +93,14 @@ class _BodyTimeout(Exception):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app import api_v1, api_v2
+    from app import api_v1, api_v2, api_v2_repository
 
     settings = settings or Settings()
     metrics = Metrics()
 
     def make_batcher(model: LoadedModel) -> Batcher:
         def on_batch(stats):
-            metrics.observe_batch(model.name, model.manifest.num_layers, stats)
+            metrics.observe_batch(model.name, model.version, model.manifest.num_layers, stats)
 
         return Batcher(model.engine, settings.max_batch_rows, settings.max_batch_tokens,
                        settings.max_wait_ms, settings.max_queue_rows,
@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api_v1.router)
+    app.include_router(api_v2_repository.router)  # first: /v2/models/stats is no model named "stats"
     app.include_router(api_v2.router)
     fastapi_openapi = app.openapi
 

@@ -153,6 +153,16 @@ def find_model(registry, name: str, version: int | None) -> LoadedModel:
                        "not_found")
 
 
+def count_refusal(request, model_name: str, version: int | None, protocol: str, status: int) -> None:
+    """A request refused before the service ran it: counted by status, and as a failure of the
+    version it named (Triton's statistics count those too)."""
+    app = request.app
+    app.state.metrics.count_request(model_name, app.state.registry, protocol, status)
+    model = app.state.registry.get(model_name, version)
+    if model is not None:
+        app.state.metrics.observe_request(model.name, model.version, 0.0, ok=False)
+
+
 def refuse_early(request, model_name: str, version: int | None, protocol: str) -> None:
     """Before a body is even parsed: unknown model, shutting down, or a full queue. Counted
     like every other refusal."""
@@ -171,7 +181,7 @@ def refuse_early(request, model_name: str, version: int | None, protocol: str) -
                 raise RequestError(503, "model", "the server is shutting down", "unavailable") from None
             # a version being retired: its successor takes the request once it is parsed
     except RequestError as exc:
-        app.state.metrics.count_request(model_name, registry, protocol, exc.status)
+        count_refusal(request, model_name, version, protocol, exc.status)
         raise
 
 
@@ -187,7 +197,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
 
     app = request.app
     settings, registry, metrics = app.state.settings, app.state.registry, app.state.metrics
-    status = 200
+    status, model, start = 200, None, time.monotonic()
     try:
         model = find_model(registry, model_name, version)
         timeout_ms = timeout_ms or settings.default_timeout_ms
@@ -211,10 +221,12 @@ async def classify_for_http(request, model_name: str, version: int | None, input
                 raise RequestError(499, "request", "client closed the request", "cancelled") from exc
     except RequestError as exc:
         status = exc.status
+        if model is not None:
+            metrics.observe_request(model.name, model.version, time.monotonic() - start, ok=False)
         raise
     finally:
         metrics.count_request(model_name, registry, protocol, status)
-    metrics.request_duration.labels(model.name).observe(result.total_s)
+    metrics.observe_request(model.name, model.version, result.total_s, ok=True)
     entry = {"event": "predict", "protocol": protocol, "model": model.name, "version": model.version,
              "rows": len(inputs), "threshold": result.threshold,
              "exit_layers": result.result.exit_layer.tolist(), "tokenize_ms": round(result.tokenize_s * 1e3, 3),

@@ -77,6 +77,44 @@ def test_health_and_metadata(triton, tiny_bundle):
         ("exit_layer", "INT32", [-1]), ("uncertainty", "FP32", [-1])]
 
 
+def test_config_statistics_and_repository_through_tritonclient(triton, texts):
+    config = triton.get_model_config("tiny")
+    assert config == triton.get_model_config("tiny", "1")
+    assert config["name"] == "tiny" and config["max_batch_size"] == 0
+    assert [i["name"] for i in config["input"]] == ["text"]
+    assert [(o["name"], o["data_type"]) for o in config["output"]][:2] == [("label", "TYPE_STRING"),
+                                                                          ("label_id", "TYPE_INT64")]
+    before = triton.get_inference_statistics("tiny")["model_stats"][0]
+    # Triton's sequence_id (and any parameter the server does not use) is passed through, not refused.
+    result = triton.infer("tiny", [text_input(texts, binary=False)], sequence_id=7,
+                          parameters={"threshold": 0.0, "my_trace": "abc"})
+    ignored = result.get_response()["parameters"]["ignored_parameters"].split(",")
+    assert "my_trace" in ignored and "sequence_id" in ignored and "threshold" not in ignored
+    with pytest.raises(InferenceServerException):
+        triton.infer("tiny", [text_input([""], binary=False)])
+    after = triton.get_inference_statistics("tiny", "1")["model_stats"][0]
+    assert after["name"] == "tiny" and after["version"] == "1"
+    assert after["inference_count"] == before["inference_count"] + len(texts)
+    assert after["execution_count"] > before["execution_count"]
+    ok, failed = after["inference_stats"]["success"], after["inference_stats"]["fail"]
+    assert ok["count"] == before["inference_stats"]["success"]["count"] + 1 and ok["ns"] > 0
+    assert failed["count"] == before["inference_stats"]["fail"]["count"] + 1
+    # threshold 0: every row ran every layer, so the deepest exit layer gained all of them
+    layers = str(config["parameters"]["layers"]["string_value"])
+    gained = after["exit_layer_counts"].get(layers, 0) - before["exit_layer_counts"].get(layers, 0)
+    assert gained == len(texts)
+    everything = triton.get_inference_statistics()["model_stats"]
+    assert [(s["name"], s["version"]) for s in everything] == [("tiny", "1")]
+    assert triton.get_model_repository_index() == [{"name": "tiny", "version": "1", "state": "READY",
+                                                     "reason": ""}]
+    triton.load_model("tiny")  # a reload from disk: unchanged, still serving
+    assert triton.is_model_ready("tiny")
+    for call in (lambda: triton.get_model_config("nope"), lambda: triton.get_inference_statistics("nope"),
+                 lambda: triton.load_model("nope")):
+        with pytest.raises(InferenceServerException, match="nope"):  # the protocol's error shape decodes
+            call()
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("threshold", [0.0, 1.0, None], ids=["t0", "t1", "default"])
 def test_infer_matches_v1(triton, server, texts, binary, threshold):
