@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import logging
 import shlex
 import shutil
@@ -14,11 +15,51 @@ import time
 import tomllib
 from pathlib import Path
 
-from app.manifest import LayerResult, Provenance
+from app.manifest import LayerResult, ManifestError, Provenance
 from app.threads import cpu_quota
 from training.config import FastBertConfig, config_from
+from training.data import DataError
+from training.errors import CommandError
+from training.staging import BUNDLE_MARKER, CHECKPOINT_LEFTOVERS, CHECKPOINT_MARKER, Staged, check_replaceable
 
 log = logging.getLogger("offramp.train")
+
+# What a user can fix (training/errors.py): shown as `offramp: error: MESSAGE` on stderr, exit
+# code 2, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, ManifestError, CommandError)
+EXIT_USER_ERROR = 2
+
+
+def fail(message: object) -> None:
+    """Print `offramp: error: MESSAGE` (one line) to stderr and exit with code 2."""
+    line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"offramp: error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def command(func):
+    """Wrap a subcommand: user errors (USER_ERRORS, or SystemExit with a message) become one
+    line on stderr and exit code 2."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> None:
+        try:
+            func(args)
+        except USER_ERRORS as exc:
+            fail(exc)
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                fail(exc.code)
+            raise
+    return run
+
+
+LABELS_HELP = ("comma-separated labels as the files write them, in class-id order: the label set "
+               "(a label outside it is refused; one it has that a file lacks is fine). Default: every "
+               "label of --train and --dev, refusing a label found in one file only when it is rare there "
+               "or only in --dev")
+LABEL_NAMES_HELP = ("comma-separated names to serve. The files' own labels in another order are matched "
+                    "by name (and set the class-id order); other names rename numeric labels (0,1,...) "
+                    "or the --labels order by position")
 
 
 def add_data_arguments(p: argparse.ArgumentParser, unlabeled_help: str, label_names_help: str) -> None:
@@ -29,6 +70,7 @@ def add_data_arguments(p: argparse.ArgumentParser, unlabeled_help: str, label_na
     p.add_argument("--unlabeled", type=Path, help=unlabeled_help)
     p.add_argument("--text-columns", help="comma-separated text column(s): names, or indices for headerless files")
     p.add_argument("--label-column")
+    p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--label-names", help=label_names_help)
     p.add_argument("--config", type=Path, help="TOML recipe; command-line options override it")
     p.add_argument("--checkpoint", type=Path, help="where the PyTorch checkpoint goes (default runs/NAME)")
@@ -40,9 +82,39 @@ def add_data_arguments(p: argparse.ArgumentParser, unlabeled_help: str, label_na
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="local model folder or hub id of a BERT-family encoder")
     add_data_arguments(p, "extra text for self-distillation of the exits",
-                       "comma-separated names to serve, in label order (e.g. negative,positive)")
+                       LABEL_NAMES_HELP + " (e.g. negative,positive)")
     p.add_argument("--from-checkpoint", type=Path,
                    help="start from a saved early-exit checkpoint (with --epochs 0: retrain the exits only)")
+
+
+def text_columns_of(args: argparse.Namespace) -> list[str] | None:
+    return args.text_columns.split(",") if args.text_columns else None
+
+
+def read_data(args: argparse.Namespace, limit_train: int | None, labels: list[str] | None = None,
+              labels_origin: str = "--labels", label_names: list[str] | None = None):
+    """The run's data files, read and checked (labels included) and logged: before anything is
+    written. `labels`/`label_names` default to --labels/--label-names."""
+    from training.labels import parse_list, read_task_data
+
+    if labels is None:
+        labels = parse_list(args.labels, "--labels")
+    if label_names is None:
+        label_names = parse_list(args.label_names, "--label-names")
+    return read_task_data(args.train, args.dev, args.unlabeled, text_columns_of(args), args.label_column,
+                          label_names, limit_train, labels, labels_origin)
+
+
+def output_paths(args: argparse.Namespace) -> Path:
+    """The checkpoint folder (default runs/NAME), after checking that it and --out may be
+    replaced: each absent, empty, or written by offramp (a bundle, a checkpoint)."""
+    checkpoint = args.checkpoint or Path("runs") / args.out.name
+    out, ckpt = args.out.resolve(), checkpoint.resolve()
+    if out == ckpt or out in ckpt.parents or ckpt in out.parents:
+        raise CommandError(f"--out {args.out} and --checkpoint {checkpoint} must be separate folders")
+    check_replaceable(args.out, BUNDLE_MARKER, "--out")
+    check_replaceable(checkpoint, CHECKPOINT_MARKER, "--checkpoint", CHECKPOINT_LEFTOVERS)
+    return checkpoint
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser, config_cls) -> None:
@@ -52,8 +124,20 @@ def add_recipe_arguments(p: argparse.ArgumentParser, config_cls) -> None:
                        help=f"recipe option (default {f.default})")
 
 
+def read_config(path: Path | None) -> dict:
+    """The --config TOML recipe file as a dict ({} without one)."""
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise CommandError(f"--config {path}: cannot read file: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise CommandError(f"--config {path}: invalid TOML: {e}") from e
+
+
 def recipe_values(args: argparse.Namespace, config_cls) -> dict:
-    values = tomllib.loads(args.config.read_text()) if args.config else {}
+    values = read_config(args.config)
     for f in dataclasses.fields(config_cls):
         if getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
@@ -81,57 +165,71 @@ def versions() -> dict[str, str]:
 
 
 def run_fastbert(args: argparse.Namespace) -> None:
+    try:
+        cfg = config_from(FastBertConfig, recipe_values(args, FastBertConfig))
+    except ValueError as e:  # e.g. an unknown TOML key
+        raise CommandError(str(e)) from None
+    # Everything that can be refused is checked before anything is written.
+    checkpoint = output_paths(args)
+    data = read_data(args, cfg.limit_train)
+
     import torch
 
     from training.fastbert import train_fastbert
     from training.task import load_task
 
-    cfg = config_from(FastBertConfig, recipe_values(args, FastBertConfig))
     torch.set_num_threads(args.threads or cpu_quota())
-    name = args.out.name
-    checkpoint = args.checkpoint or Path("runs") / name
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    task = load_task(
-        args.teacher, args.train, args.dev, args.unlabeled,
-        args.text_columns.split(",") if args.text_columns else None, args.label_column,
-        args.label_names.split(",") if args.label_names else None,
-        cfg.max_seq_length, cfg.limit_train, checkpoint,
-    )
-    task.log_file = checkpoint / "train_log.jsonl"
-    task.log_file.write_text("")
-    start = time.perf_counter()
     initial = None
     if args.from_checkpoint:
         from training.model import EarlyExitModel
 
         initial, meta = EarlyExitModel.load(args.from_checkpoint)
-        if meta.get("labels") and meta["labels"] != task.labels:
-            raise SystemExit(f"{args.from_checkpoint}: labels {meta['labels']} differ from {task.labels}")
-    model = train_fastbert(task, cfg, initial)
-    save_and_export(args, task, model, checkpoint, cfg.max_seq_length, cfg.seed,
-                    {"method": "fastbert", **dataclasses.asdict(cfg)}, time.perf_counter() - start)
+        if meta.get("labels") and meta["labels"] != data.labels.names:
+            raise CommandError(f"--from-checkpoint {args.from_checkpoint}: labels {meta['labels']} differ "
+                               f"from {data.labels.names}")
+        if meta.get("source_labels") and meta["source_labels"] != data.labels.source:
+            raise CommandError(f"--from-checkpoint {args.from_checkpoint}: file labels {meta['source_labels']} "
+                               f"(in class-id order) differ from {data.labels.source}; give --labels "
+                               f"{','.join(meta['source_labels'])}")
+    with Staged(checkpoint) as staged:
+        task = load_task(args.teacher, max_seq_length=cfg.max_seq_length, workdir=staged.path, data=data)
+        task.log_file = staged.path / "train_log.jsonl"
+        task.log_file.write_text("")
+        start = time.perf_counter()
+        model = train_fastbert(task, cfg, initial)
+        save_and_export(args, task, model, staged, cfg.max_seq_length, cfg.seed,
+                        {"method": "fastbert", **dataclasses.asdict(cfg)}, time.perf_counter() - start)
 
 
-def save_and_export(args: argparse.Namespace, task, model, checkpoint: Path, max_seq_length: int, seed: int,
+def save_and_export(args: argparse.Namespace, task, model, checkpoint: Staged, max_seq_length: int, seed: int,
                     recipe: dict, wall_s: float, meta: dict | None = None) -> list[float]:
     """What every recipe does after training: per-layer dev accuracy, the PyTorch checkpoint
-    (with its tokenizer, so it can be a teacher on its own), then the verified, calibrated bundle
-    with its provenance. Returns the per-layer dev accuracy."""
+    (with its tokenizer, so it can be a teacher on its own) moved into place complete, then the
+    verified, calibrated bundle with its provenance. Returns the per-layer dev accuracy."""
     from training import loop
     from training.export import export_bundle
+    from training.progress import phase
 
-    accuracy = loop.layer_accuracy(model, task.dev)
+    with phase("dev accuracy per layer", f"{len(task.dev):,} rows"):
+        accuracy = loop.layer_accuracy(model, task.dev)
     for layer, acc in enumerate(accuracy, 1):
         log.info("dev accuracy at layer %d: %.4f", layer, acc)
-    model.save(checkpoint, {"labels": task.labels, "recipe": recipe, **(meta or {})})
-    if task.tokenizer_file.resolve() != (checkpoint / "tokenizer.json").resolve():
-        shutil.copyfile(task.tokenizer_file, checkpoint / "tokenizer.json")
+    staging = checkpoint.path
+    model.save(staging, {"labels": task.labels, "source_labels": task.source_labels, "recipe": recipe,
+                         **(meta or {})})
+    if task.tokenizer_file.resolve() != (staging / "tokenizer.json").resolve():
+        shutil.copyfile(task.tokenizer_file, staging / "tokenizer.json")
+    # The checkpoint is complete: it goes into place before the export, which may still fail.
+    final = checkpoint.publish()
+    task.tokenizer_file = final / "tokenizer.json"
+    task.log_file = final / "train_log.jsonl"
+    log.info("checkpoint written to %s", final)
     provenance = Provenance(
         teacher=task.teacher, train=task.records["train"], dev=task.records["dev"],
         unlabeled=task.records.get("unlabeled"), command=shlex.join(["offramp", *getattr(args, "argv", sys.argv[1:])]),
         seed=seed, git_commit=git_commit(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        recipe=recipe, versions=versions(), wall_time_s=round(wall_s, 1), checkpoint=str(checkpoint),
+        recipe=recipe, versions=versions(), wall_time_s=round(wall_s, 1), checkpoint=str(final),
     )
     dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
     manifest = export_bundle(
@@ -143,7 +241,7 @@ def save_and_export(args: argparse.Namespace, task, model, checkpoint: Path, max
     )
     log.info("wrote %s: verification max |diff| %s, recommended threshold %.2f",
              args.out, max(manifest.verification.max_abs_logit_diff), manifest.recommended_threshold)
-    print(f"bundle written to {args.out} (checkpoint {checkpoint})")
+    print(f"bundle written to {args.out} (checkpoint {final})")
     return accuracy
 
 
@@ -158,13 +256,18 @@ def calibration_text(args: argparse.Namespace, manifest) -> list | None:
     if path is None:
         recorded = manifest.provenance.train.path if manifest.provenance.train else None
         if not recorded or not Path(recorded).is_file():
-            raise SystemExit(f"offramp quantize: error: static quantisation needs training text: pass "
-                             f"--calibration FILE (the manifest's training file {recorded!r} is not here)")
+            raise CommandError(f"static quantisation needs training text: pass --calibration FILE "
+                               f"(the manifest's training file {recorded!r} is not here)")
         path = Path(recorded)
-    text_columns = args.text_columns.split(",") if args.text_columns else None
-    examples = read_examples(path, text_columns).examples
+    file = read_examples(path, text_columns_of(args))
+    examples = file.examples
+    if (examples[0].text_pair is not None) != manifest.text_pair:
+        raise DataError(f"{path}: the bundle expects {'text pairs' if manifest.text_pair else 'single texts'} "
+                        f"but the file has {len(file.text_columns)} text column(s); pass --text-columns")
     step = max(1, len(examples) // args.calibration_rows)
     chosen = examples[::step][:args.calibration_rows]
+    log.info("calibration text %s: %s of its %s rows, evenly spaced, text column(s) %s", path,
+             f"{len(chosen):,}", f"{len(examples):,}", ", ".join(file.text_columns))
     return [e.text if e.text_pair is None else (e.text, e.text_pair) for e in chosen]
 
 
@@ -173,9 +276,14 @@ def run_quantize(args: argparse.Namespace) -> None:
     from training.labelled import load_data
     from training.quantize import quantize_bundle
 
-    text_columns = args.text_columns.split(",") if args.text_columns else None
+    from collections import Counter
+
     manifest = read_manifest(args.bundle)
-    inputs, labels = load_data(args.dev, manifest, text_columns, args.label_column)
+    check_replaceable(args.out, BUNDLE_MARKER, "--out")
+    inputs, labels = load_data(args.dev, manifest, text_columns_of(args), args.label_column)
+    counts = Counter(labels.tolist())
+    log.info("dev %s: %s rows, labels (class: count): %s", args.dev, f"{len(inputs):,}",
+             ", ".join(f"{name} x {counts[i]:,}" for i, name in enumerate(manifest.labels) if counts[i]))
     quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss,
                     method=args.method, calibration_inputs=calibration_text(args, manifest))
     print(f"int8 bundle written to {args.out}")
@@ -205,24 +313,24 @@ def register(subparsers) -> None:
                           help="training text for static scales (default: the manifest's training file)")
     quantize.add_argument("--calibration-rows", type=int, default=300,
                           help="rows of calibration text, spread through the file (default 300)")
-    quantize.set_defaults(func=run_quantize)
+    quantize.set_defaults(func=command(run_quantize))
 
     card = subparsers.add_parser("card", help="write a bundle's model card (README.md) and calibration plot")
     card.add_argument("bundle", type=Path)
     card.add_argument("--bench", type=Path, help="JSON of `offramp bench` to include")
     card.add_argument("--notes", type=Path, help="Markdown to append (e.g. how to reproduce)")
-    card.set_defaults(func=run_card)
+    card.set_defaults(func=command(run_card))
 
     train = subparsers.add_parser("train", help="train and export a model bundle")
     methods = train.add_subparsers(dest="method", required=True)
     fastbert = methods.add_parser("fastbert", help="FastBERT: fine-tune, then self-distil an exit after every layer")
     add_task_arguments(fastbert)
     add_recipe_arguments(fastbert, FastBertConfig)
-    fastbert.set_defaults(func=run_fastbert)
+    fastbert.set_defaults(func=command(run_fastbert))
 
     from training.distill_cli import add_distill_arguments, run_distill
 
     distill = methods.add_parser("distill", help="distil a fastbert teacher checkpoint into a smaller "
                                  "student (DistilBERT, TinyBERT, PKD, MobileBERT), then give it exits")
     add_distill_arguments(distill)
-    distill.set_defaults(func=run_distill)
+    distill.set_defaults(func=command(run_distill))

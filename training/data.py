@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -57,6 +57,8 @@ class Example:
     # Kept as the raw string from the file ("0", "entailment", "3.8"): the caller
     # decides whether it is a class name or a regression target.
     label: str | None = None
+    # 1-based line of the file the row starts on (for error messages); not part of equality.
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,7 @@ def _read_txt(
     # caller expected a different format.
     if text_columns is not None or label_column is not None:
         raise DataError(f"{path}: a .txt file holds one unlabeled text per line and has no columns")
-    examples = [Example(text=line) for _, line in _lines(text) if line.strip()]
+    examples = [Example(text=line, line=number) for number, line in _lines(text) if line.strip()]
     return examples, ("text",), None
 
 
@@ -385,4 +387,4 @@ def _example(
         label = label.strip()
         if not label:
             raise DataError(f"{path} line {number}: empty label in column {label_name!r}")
-    return Example(text=texts[0], text_pair=texts[1] if len(texts) > 1 else None, label=label)
+    return Example(text=texts[0], text_pair=texts[1] if len(texts) > 1 else None, label=label, line=number)

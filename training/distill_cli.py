@@ -11,10 +11,9 @@ import dataclasses
 import logging
 import shutil
 import time
-import tomllib
 from pathlib import Path
 
-from training.cli import add_data_arguments
+from training.cli import LABEL_NAMES_HELP, add_data_arguments, read_config
 from training.config import DISTILL_METHODS, config_from
 
 log = logging.getLogger("offramp.train")
@@ -38,7 +37,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path,
                    help="the teacher's tokenizer.json (default: the one in the teacher folder)")
     add_data_arguments(p, "extra text: exit self-distillation, TinyBERT general distillation, MobileBERT transfer",
-                       "comma-separated names to serve, in label order (default: the teacher's)")
+                       LABEL_NAMES_HELP + " (default: the teacher's names; the label set and class-id "
+                       "order are always the teacher's)")
     types = {}
     for config_cls in DISTILL_METHODS.values():
         for f in dataclasses.fields(config_cls):
@@ -56,7 +56,7 @@ def distill_values(args: argparse.Namespace) -> dict:
     method has but this one does not is an error rather than silently ignored."""
     config_cls = DISTILL_METHODS[args.method]
     known = {f.name for f in dataclasses.fields(config_cls)}
-    values = tomllib.loads(args.config.read_text()) if args.config else {}
+    values = read_config(args.config)
     for name in _recipe_options():
         if getattr(args, name, None) is not None:
             if name not in known:
@@ -65,55 +65,82 @@ def distill_values(args: argparse.Namespace) -> dict:
     return values
 
 
+def teacher_labels(args: argparse.Namespace, teacher_meta: dict, num_labels: int,
+                   limit_train: int | None = None):
+    """The run's data, read and checked against the teacher's label set: a student's class ids
+    must be its teacher's. Teachers that record their file labels (`source_labels`) fix the label
+    set and its order; older ones only their served names (the files' labels then sort as they
+    did when the teacher was trained)."""
+    from training.cli import CommandError, read_data
+    from training.labels import LabelMap, parse_list
+
+    given = parse_list(args.labels, "--labels")
+    names = parse_list(args.label_names, "--label-names")
+    served = list(teacher_meta.get("labels") or [])
+    recorded = teacher_meta.get("source_labels")
+    if recorded:
+        if given is not None and given != list(recorded):
+            raise CommandError(f"--labels {args.labels}: the teacher {args.teacher} was trained on labels "
+                               f"{','.join(recorded)} (in class-id order); a student keeps them")
+        data = read_data(args, limit_train, list(recorded), f"the teacher's labels ({args.teacher})",
+                         names if names is not None else (served or None))
+    else:
+        data = read_data(args, limit_train, given, "--labels", names)
+        if names is None and served and len(served) == len(data.labels.source):
+            data.labels = LabelMap(data.labels.source, served, "served as the teacher's names, by position")
+            log.info("%s", data.labels.describe())
+    if len(data.labels.source) != num_labels:
+        raise CommandError(f"{args.train}: {len(data.labels.source)} labels {data.labels.source}, but the "
+                           f"teacher has {num_labels} classes")
+    return data
+
+
 def run_distill(args: argparse.Namespace) -> None:
+    from training.cli import CommandError, output_paths
+
+    try:
+        cfg = config_from(DISTILL_METHODS[args.method], distill_values(args))
+    except ValueError as e:  # e.g. a TOML key of another method
+        raise CommandError(f"--method {args.method}: {e}") from None
+    checkpoint = output_paths(args)
+    if checkpoint.resolve() == Path(args.teacher).resolve():
+        raise CommandError(f"--checkpoint {checkpoint} is the teacher's folder: the student would overwrite it")
+
     import torch
 
     from app.threads import cpu_quota
     from training import loop
     from training.cli import save_and_export
     from training.distill import distil, find_tokenizer, load_teacher
+    from training.progress import phase
+    from training.staging import Staged
     from training.task import load_task
 
-    try:
-        cfg = config_from(DISTILL_METHODS[args.method], distill_values(args))
-    except ValueError as e:  # e.g. a TOML key of another method
-        raise SystemExit(f"--method {args.method}: {e}") from None
-    torch.set_num_threads(args.threads or cpu_quota())
     try:
         teacher, teacher_meta = load_teacher(args.teacher)
         tokenizer = find_tokenizer(args.teacher, args.tokenizer)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
-    name = args.out.name
-    checkpoint = args.checkpoint or Path("runs") / name
-    if checkpoint.resolve() == Path(args.teacher).resolve():
-        raise SystemExit(f"--checkpoint {checkpoint} is the teacher's folder: the student would overwrite it")
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    # The student checkpoint carries the tokenizer, so it can itself be a teacher later; the
-    # task reads it from there.
-    if tokenizer.resolve() != (checkpoint / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer, checkpoint / "tokenizer.json")
-    task = load_task(
-        str(checkpoint), args.train, args.dev, args.unlabeled,
-        args.text_columns.split(",") if args.text_columns else None, args.label_column,
-        args.label_names.split(",") if args.label_names else None,
-        cfg.max_seq_length, cfg.limit_train, checkpoint,
-    )
-    task.teacher = str(args.teacher)
-    if len(task.labels) != teacher.num_labels:
-        raise SystemExit(f"{args.train}: {len(task.labels)} labels {task.labels}, but the teacher has "
-                         f"{teacher.num_labels} classes")
-    if not args.label_names and teacher_meta.get("labels"):
-        task.labels = list(teacher_meta["labels"])  # serve the teacher's label names
-    task.log_file = checkpoint / "train_log.jsonl"
-    task.log_file.write_text("")
-    teacher_accuracy = loop.layer_accuracy(teacher, task.dev)[-1]
-    log.info("teacher dev accuracy (last layer): %.4f", teacher_accuracy)
+        raise CommandError(str(e)) from None
+    # Everything that can be refused is checked before anything is written.
+    data = teacher_labels(args, teacher_meta, teacher.num_labels, cfg.limit_train)
+    torch.set_num_threads(args.threads or cpu_quota())
+    with Staged(checkpoint) as staged:
+        # The student checkpoint carries the tokenizer, so it can itself be a teacher later; the
+        # task reads it from there.
+        shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
+        task = load_task(str(staged.path), max_seq_length=cfg.max_seq_length, workdir=staged.path, data=data)
+        task.teacher = str(args.teacher)
+        task.log_file = staged.path / "train_log.jsonl"
+        task.log_file.write_text("")
+        with phase("teacher dev accuracy", f"{len(task.dev):,} rows") as p:
+            teacher_accuracy = loop.layer_accuracy(teacher, task.dev)[-1]
+            p.result = f"last layer {teacher_accuracy:.4f}"
+        log.info("teacher dev accuracy (last layer): %.4f", teacher_accuracy)
 
-    start = time.perf_counter()
-    model = distil(args.method, teacher, task, cfg)
-    recipe = {"method": args.method, **dataclasses.asdict(cfg), "exits": "fastbert self-distillation",
-              "teacher_dev_accuracy": teacher_accuracy}
-    accuracy = save_and_export(args, task, model, checkpoint, cfg.max_seq_length, cfg.seed, recipe,
-                               time.perf_counter() - start, {"teacher": str(args.teacher)})
+        start = time.perf_counter()
+        model = distil(args.method, teacher, task, cfg)
+        recipe = {"method": args.method, **dataclasses.asdict(cfg), "exits": "fastbert self-distillation",
+                  "teacher_dev_accuracy": teacher_accuracy}
+        accuracy = save_and_export(args, task, model, staged, cfg.max_seq_length, cfg.seed, recipe,
+                                   time.perf_counter() - start, {"teacher": str(args.teacher)})
     print(f"dev accuracy {accuracy[-1]:.4f} at full depth, teacher {teacher_accuracy:.4f}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -28,8 +27,9 @@ from app.manifest import (
     describe_file,
     write_manifest,
 )
-from app.calibration import calibrate
+from training import progress
 from training.model import EarlyExitModel
+from training.staging import Staged
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,14 @@ def export_graphs(model: EarlyExitModel, out_dir: Path) -> Graphs:
     rows, tokens, hidden = 2, 8, model.config.hidden_size
     ids = torch.ones(rows, tokens, dtype=torch.long)
     mask = torch.ones(rows, tokens, dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), progress.bar(total=1 + model.num_layers, desc="ONNX export", unit="graph") as bar:
         _export(_Embeddings(model), (ids, torch.zeros_like(ids)), out_dir / EMBEDDINGS_FILE,
                 ["input_ids", "token_type_ids"], ["hidden"])
+        bar.update()
         for index in range(model.num_layers):
             _export(_LayerWithExit(model, index), (torch.randn(rows, tokens, hidden), mask),
                     out_dir / layer_file(index), ["hidden", "attention_mask"], ["hidden_out", "logits"])
+            bar.update()
     return Graphs(embeddings=EMBEDDINGS_FILE,
                   layers=[layer_file(i) for i in range(model.num_layers)])
 
@@ -97,11 +99,13 @@ def _torch_layer_logits(model: EarlyExitModel, batch: EncodedBatch) -> np.ndarra
     return np.stack([l.numpy() for l in logits])
 
 
-def _onnx_layer_logits(engine: Engine, batch: EncodedBatch) -> np.ndarray:
+def _onnx_layer_logits(engine: Engine, batch: EncodedBatch, bar=None) -> np.ndarray:
     hidden, out = engine.embed(batch), []
     for index in range(engine.num_layers):
         hidden, logits = engine.layer(index, hidden, batch.attention_mask)
         out.append(logits)
+        if bar is not None:
+            bar.update()
     return np.stack(out)
 
 
@@ -121,9 +125,12 @@ def verify(model: EarlyExitModel, engine: Engine, batches: dict[str, EncodedBatc
            tolerance: float = TOLERANCE) -> Verification:
     """Largest |ONNX - PyTorch| logit difference per layer over all the given inputs."""
     worst = np.zeros(model.num_layers)
-    for batch in batches.values():
-        diff = np.abs(_torch_layer_logits(model, batch) - _onnx_layer_logits(engine, batch))
-        worst = np.maximum(worst, diff.reshape(model.num_layers, -1).max(axis=1))
+    with progress.bar(total=len(batches) * (1 + model.num_layers), desc="verification", unit="pass") as bar:
+        for batch in batches.values():
+            expected = _torch_layer_logits(model, batch)
+            bar.update()
+            diff = np.abs(expected - _onnx_layer_logits(engine, batch, bar))
+            worst = np.maximum(worst, diff.reshape(model.num_layers, -1).max(axis=1))
     return Verification(passed=bool((worst <= tolerance).all()), tolerance=tolerance,
                         max_abs_logit_diff=[float(x) for x in worst], inputs=sorted(batches))
 
@@ -146,12 +153,12 @@ def export_bundle(
 ) -> Manifest:
     """Write a complete bundle to out_dir (replacing it only once everything has passed)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside the target so the final rename is atomic and a serving copy never sees
-    # a half-written bundle.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        graphs = export_graphs(model, staging)
+    # a half-written bundle; on failure nothing is left behind.
+    with Staged(out_dir) as staged:
+        staging = staged.path
+        with progress.phase("ONNX export", f"{1 + model.num_layers} graphs for {out_dir}"):
+            graphs = export_graphs(model, staging)
         shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
         files = [describe_file(staging, f) for f in ["tokenizer.json", graphs.embeddings, *graphs.layers]]
         manifest = Manifest(
@@ -165,22 +172,19 @@ def export_bundle(
         checks = {"random": random_batch(model.config.vocab_size)}
         if calibration_inputs:
             checks["real"] = encoder.encode(list(calibration_inputs)[:32])
-        manifest.verification = verify(model, engine, checks)
+        with progress.phase("verification against PyTorch", f"{len(checks)} batches: {', '.join(checks)}") as p:
+            manifest.verification = verify(model, engine, checks)
+            p.result = f"max |diff| {max(manifest.verification.max_abs_logit_diff):.2e}"
         if not manifest.verification.passed:
             raise RuntimeError(
                 f"ONNX export does not match PyTorch: max |diff| per layer "
                 f"{manifest.verification.max_abs_logit_diff} > {TOLERANCE}"
             )
         if calibration_inputs is not None and calibration_labels is not None:
-            manifest.calibration, manifest.recommended_threshold = calibrate(
+            manifest.calibration, manifest.recommended_threshold = progress.calibrate(
                 engine, encoder, list(calibration_inputs), np.asarray(calibration_labels),
                 tolerance_points=tolerance_points,
             )
         write_manifest(staging, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        staged.publish()
         return manifest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)

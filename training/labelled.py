@@ -35,4 +35,10 @@ def load_data(path: Path, manifest: Manifest, text_columns: Sequence[str] | None
             f"but the file has {'two' if paired else 'one'} text column(s); pass --text-columns"
         )
     inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in examples]
+    known = {*manifest.labels, *(manifest.source_labels or [])}
+    stray = next((e for e in examples if e.label not in known), None)
+    if stray is not None:
+        where = f"{path} line {stray.line}" if stray.line is not None else str(path)
+        raise LabelError(f"{where}: cannot map the file's labels: label {stray.label!r} is not among the "
+                         f"model's labels {manifest.source_labels or manifest.labels}")
     return inputs, label_ids([e.label for e in examples], manifest)

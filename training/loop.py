@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,6 +19,7 @@ from training.dataset import Batch, EncodedDataset
 from training.model import EarlyExitModel
 
 LOG_EVERY = 50
+log = logging.getLogger("offramp.train")
 
 
 def seed_everything(seed: int) -> None:
@@ -55,7 +59,11 @@ def train(
     schedule = linear_schedule(optimizer, int(warmup * total), total)
     losses: list[float] = []
     model.train()
-    with tqdm(total=total, desc=name, unit="step", mininterval=2.0) as progress:
+    log.info("%s: started (%s steps: %g epoch(s) of %s rows in batches of %d, lr %g)", name, f"{total:,}",
+             epochs, f"{len(dataset):,}", batch_size, lr)
+    start = time.perf_counter()
+    # On stderr, and only on a terminal (disable=None); the loss log is in log_file either way.
+    with tqdm(total=total, desc=name, unit="step", mininterval=2.0, file=sys.stderr, disable=None) as progress:
         epoch = 0
         while len(losses) < total:
             for batch in dataset.batches(batch_size, shuffle=True, seed=seed + epoch):
@@ -78,6 +86,8 @@ def train(
                     break
             epoch += 1
     model.eval()
+    log.info("%s: done in %.1fs (last %d steps' mean loss %.4f)", name, time.perf_counter() - start,
+             min(LOG_EVERY, len(losses)), float(np.mean(losses[-LOG_EVERY:])))
     return losses
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +32,10 @@ from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQua
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import QuantizationReport, describe_file, read_manifest, write_manifest
-from app.calibration import calibrate, layer_probabilities, make_batches
+from app.calibration import layer_probabilities, make_batches
+from training import progress
+from training.errors import QuantizationRefused
+from training.staging import Staged
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +129,14 @@ def quantize_static(source: Path, staging: Path, graphs: list[str], encoder: Tex
     session = _ort_session(staging / embeddings)
     wanted = {i.name for i in session.get_inputs()}
     feeds = []
-    for item in calibration_inputs:  # one row at a time: padding would widen the ranges
+    # one row at a time: padding would widen the ranges
+    for item in progress.bar(calibration_inputs, desc="calibration rows: embeddings", unit="row"):
         batch = encoder.encode([item])
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "token_type_ids": batch.token_type_ids}
         (hidden,) = session.run(None, {k: v for k, v in inputs.items() if k in wanted})
         feeds.append({"hidden": hidden, "attention_mask": batch.attention_mask})
-    for graph in layers:
+    for graph in progress.bar(layers, desc="int8 calibration", unit="layer"):
         quantized = nncf.quantize(onnx.load(source / graph), nncf.Dataset(feeds),
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
         changed = activations_to_uint8(quantized)
@@ -148,13 +151,17 @@ def quantize_static(source: Path, staging: Path, graphs: list[str], encoder: Tex
 
 def row_independence(engine: Engine, encoder: TextEncoder, inputs: Sequence) -> float:
     """Largest probability difference of any row between two different batchings."""
-    a = layer_probabilities(engine, make_batches(encoder, inputs, 64))
-    b = layer_probabilities(engine, make_batches(encoder, inputs, 7))
+    batchings = [make_batches(encoder, inputs, 64), make_batches(encoder, inputs, 7)]
+    with progress.bar(total=sum(map(len, batchings)), desc="row independence", unit="batch") as bar:
+        a, b = (layer_probabilities(progress.CountingEngine(engine, bar), batches) for batches in batchings)
     return float(np.abs(a - b).max())
 
 
-def layer_accuracy(engine: Engine, encoder: TextEncoder, inputs: Sequence, labels: np.ndarray) -> list[float]:
-    probs = layer_probabilities(engine, make_batches(encoder, inputs, 64))
+def layer_accuracy(engine: Engine, encoder: TextEncoder, inputs: Sequence, labels: np.ndarray,
+                   desc: str = "dev accuracy") -> list[float]:
+    batches = make_batches(encoder, inputs, 64)
+    with progress.bar(total=len(batches), desc=desc, unit="batch") as bar:
+        probs = layer_probabilities(progress.CountingEngine(engine, bar), batches)
     return [float(x) for x in (probs.argmax(-1) == labels[None, :]).mean(axis=1)]
 
 
@@ -169,31 +176,38 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
         raise ValueError("static quantisation needs calibration text (training rows)")
     source, out_dir = Path(source), Path(out_dir)
     manifest = read_manifest(source)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with Staged(out_dir) as staged:
+        staging = staged.path
         encoder = TextEncoder.from_file(source / manifest.tokenizer, manifest.max_seq_length)
         graphs = [manifest.graphs.embeddings, *manifest.graphs.layers]
         if method == "static":
             calibration_inputs = list(calibration_inputs)
-            quantize_static(source, staging, graphs, encoder, calibration_inputs)
+            with progress.phase("static int8 quantisation",
+                                f"{len(graphs)} graphs, {len(calibration_inputs):,} calibration rows"):
+                quantize_static(source, staging, graphs, encoder, calibration_inputs)
             description = STATIC.format(rows=len(calibration_inputs))
         else:
-            for graph in graphs:
-                quantize_weight_only(source / graph, staging / graph)
+            with progress.phase("weight-only quantisation", f"{len(graphs)} graphs"):
+                for graph in progress.bar(graphs, desc="weight-only quantisation", unit="graph"):
+                    quantize_weight_only(source / graph, staging / graph)
             description = WEIGHT_ONLY
         shutil.copyfile(source / manifest.tokenizer, staging / manifest.tokenizer)
         manifest.files = [describe_file(staging, f.path) for f in manifest.files]
         manifest.name = out_dir.name
 
-        fp32 = layer_accuracy(Engine(source, read_manifest(source)), encoder, dev_inputs, dev_labels)
-        engine = Engine(staging, manifest)
-        int8 = layer_accuracy(engine, encoder, dev_inputs, dev_labels)
-        loss = (fp32[-1] - int8[-1]) * 100
+        with progress.phase("dev accuracy, fp32 and int8", f"{len(dev_inputs):,} rows") as p:
+            fp32 = layer_accuracy(Engine(source, read_manifest(source)), encoder, dev_inputs, dev_labels,
+                                  "dev accuracy fp32")
+            engine = Engine(staging, manifest)
+            int8 = layer_accuracy(engine, encoder, dev_inputs, dev_labels, "dev accuracy int8")
+            loss = (fp32[-1] - int8[-1]) * 100
+            p.result = f"full depth: fp32 {fp32[-1]:.4f}, int8 {int8[-1]:.4f}, {loss:.2f} points"
         log.info("full-depth dev accuracy: fp32 %.4f, int8 %.4f (%.2f points)", fp32[-1], int8[-1], loss)
         if loss > max_loss_points:
-            raise RuntimeError(f"int8 loses {loss:.2f} points of dev accuracy (> {max_loss_points})")
-        batch_dependence = row_independence(engine, encoder, dev_inputs[:256])
+            raise QuantizationRefused(f"int8 loses {loss:.2f} points of dev accuracy (> {max_loss_points}, "
+                                      f"--max-loss); the int8 bundle is not written")
+        with progress.phase("row independence check", f"{min(len(dev_inputs), 256)} rows, two batchings"):
+            batch_dependence = row_independence(engine, encoder, dev_inputs[:256])
         if batch_dependence > ROW_TOLERANCE:
             raise RuntimeError(f"quantised rows depend on their batch: max |diff| {batch_dependence:.2e}")
         manifest.quantization = QuantizationReport(
@@ -203,12 +217,7 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
         )
         for result, acc in zip(manifest.dev_results, int8):
             result.accuracy = acc
-        manifest.calibration, manifest.recommended_threshold = calibrate(
+        manifest.calibration, manifest.recommended_threshold = progress.calibrate(
             engine, encoder, dev_inputs, dev_labels, tolerance_points=tolerance_points)
         write_manifest(staging, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        staged.publish()

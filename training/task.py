@@ -9,8 +9,9 @@ from typing import Sequence
 
 from app.encoding import TextEncoder
 from app.manifest import DataFileRecord
-from training.data import TextFile, label_vocabulary, read_examples
+from training.data import TextFile
 from training.dataset import EncodedDataset
+from training.labels import TaskData, read_task_data
 
 
 @dataclass
@@ -49,8 +50,8 @@ def _record(file: TextFile, rows: int) -> DataFileRecord:
 
 def load_task(
     teacher: str,
-    train_path: Path,
-    dev_path: Path,
+    train_path: Path | None = None,
+    dev_path: Path | None = None,
     unlabeled_path: Path | None = None,
     text_columns: Sequence[str] | None = None,
     label_column: str | None = None,
@@ -58,34 +59,30 @@ def load_task(
     max_seq_length: int = 128,
     limit_train: int | None = None,
     workdir: Path | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    data: TaskData | None = None,
 ) -> Task:
-    train_file = read_examples(train_path, text_columns, label_column, require_labels=True)
-    dev_file = read_examples(dev_path, text_columns, label_column, require_labels=True)
-    train_examples = train_file.examples[:limit_train] if limit_train else train_file.examples
-    raw_labels = label_vocabulary(e.label for e in train_file.examples)
-    labels = list(raw_labels)
-    if label_names:
-        if len(label_names) != len(raw_labels):
-            raise ValueError(f"--label-names gives {len(label_names)} names for "
-                             f"{len(raw_labels)} labels {raw_labels}")
-        labels = list(label_names)
-    unseen = sorted({e.label for e in dev_file.examples} - set(raw_labels))
-    if unseen:
-        raise ValueError(f"{dev_path}: labels {unseen} do not occur in {train_path}")
+    """The task of a run: `data` as read and checked by `read_task_data` (read here from the
+    paths when not given), tokenised with the teacher's tokenizer."""
+    if data is None:
+        data = read_task_data(train_path, dev_path, unlabeled_path, text_columns, label_column,
+                              label_names, limit_train, labels)
+    train_examples = data.train_examples
+    raw_labels = list(data.labels.source)
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="offramp-"))
     tokenizer_file = resolve_tokenizer(teacher, workdir)
     encoder = TextEncoder.from_file(tokenizer_file, max_seq_length)
     text_pair = train_examples[0].text_pair is not None
     train = EncodedDataset(train_examples, encoder, raw_labels)
-    dev = EncodedDataset(dev_file.examples, encoder, raw_labels)
-    records = {"train": _record(train_file, len(train_examples)),
-               "dev": _record(dev_file, len(dev_file.examples))}
+    dev = EncodedDataset(data.dev.examples, encoder, raw_labels)
+    records = {"train": _record(data.train, len(train_examples)),
+               "dev": _record(data.dev, len(data.dev.examples))}
     distill = train
-    if unlabeled_path is not None:
-        extra = read_examples(unlabeled_path, text_columns, None)
-        distill = EncodedDataset(train_examples + extra.examples, encoder, raw_labels)
-        records["unlabeled"] = _record(extra, len(extra.examples))
-    return Task(teacher=str(teacher), labels=labels, source_labels=raw_labels, text_pair=text_pair, encoder=encoder,
-                tokenizer_file=tokenizer_file, train=train, dev=dev, distill_data=distill,
-                records=records)
+    if data.unlabeled is not None:
+        distill = EncodedDataset(train_examples + data.unlabeled.examples, encoder, raw_labels)
+        records["unlabeled"] = _record(data.unlabeled, len(data.unlabeled.examples))
+    return Task(teacher=str(teacher), labels=list(data.labels.names), source_labels=raw_labels,
+                text_pair=text_pair, encoder=encoder, tokenizer_file=tokenizer_file, train=train, dev=dev,
+                distill_data=distill, records=records)

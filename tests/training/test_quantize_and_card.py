@@ -23,7 +23,7 @@ def test_quantized_bundle_is_smaller_verified_recalibrated_and_carded(tiny_bundl
     read_manifest(out)  # the card and plot sit beside the listed files, which still verify
 
 
-def test_quantize_refuses_an_accuracy_loss_beyond_the_gate(tiny_bundle, tmp_path, monkeypatch):
+def test_quantize_refuses_an_accuracy_loss_beyond_the_gate(tiny_bundle, tmp_path, monkeypatch, capsys):
     import pytest
 
     import training.quantize as q
@@ -38,9 +38,12 @@ def test_quantize_refuses_an_accuracy_loss_beyond_the_gate(tiny_bundle, tmp_path
         return [a - 0.02 for a in first]
 
     monkeypatch.setattr(q, "layer_accuracy", worse_second_time)
-    with pytest.raises(RuntimeError, match="int8 loses 2.00 points"):
+    # A verdict, not a bug: one line on stderr, exit code 2, no bundle.
+    with pytest.raises(SystemExit) as info:
         main(["quantize", str(tiny_bundle["bundle"]), "--out", str(tmp_path / "x"),
               "--dev", str(tiny_bundle["dev"])])
+    assert info.value.code == 2
+    assert "offramp: error: int8 loses 2.00 points" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -91,7 +94,7 @@ def test_uint8_rewrite_keeps_every_dequantised_value():
     np.testing.assert_array_equal(before, after)
 
 
-def test_static_quantisation_needs_calibration_text(tiny_bundle, tmp_path):
+def test_static_quantisation_needs_calibration_text(tiny_bundle, tmp_path, capsys):
     import json
 
     import pytest
@@ -108,5 +111,9 @@ def test_static_quantisation_needs_calibration_text(tiny_bundle, tmp_path):
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["provenance"]["train"]["path"] = str(tmp_path / "gone.tsv")
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SystemExit, match="--calibration FILE"):
+    with pytest.raises(SystemExit) as info:
         main(["quantize", str(moved), "--out", str(tmp_path / "y"), "--dev", str(tiny_bundle["dev"])])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("offramp: error: static quantisation needs training text: pass --calibration FILE")
+    assert not (tmp_path / "y").exists()
