@@ -16,13 +16,13 @@ from app.schemas import (
     ReloadResponse,
     Timing,
 )
-from app.http_body import parse_model, parse_version, read_body
+from app.http_body import off_the_loop, parse_model, parse_version, read_body
 from app.service import (
     Classification,
     RequestError,
+    admit,
     classify_for_http,
     count_refusal,
-    refuse_early,
     timing_headers,
 )
 
@@ -71,13 +71,13 @@ PREDICT = dict(response_model=PredictResponse, response_model_exclude_none=True,
 
 
 async def _predict(request: Request, response: Response, model: str, version: str | None) -> PredictResponse:
-    # The key was checked (a dependency); then the cheapest refusals, and only then is the
-    # body read and parsed: a refused request costs next to nothing.
+    # The key was checked (a dependency); then the cheapest refusals (admit), and only then is
+    # the body read and parsed: a refused request costs next to nothing.
     number = parse_version(version)
-    refuse_early(request, model, number, "v1")
+    admit(request, model, number, "v1")
     try:
         raw = await read_body(request, request.app.state.settings.max_body_bytes)
-        body = parse_model(raw, PredictRequest)
+        body = await off_the_loop(len(raw), parse_model, raw, PredictRequest)
     except RequestError as exc:
         count_refusal(request, model, number, "v1", exc.status)
         raise

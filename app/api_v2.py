@@ -39,11 +39,11 @@ from app.schemas import ErrorResponse
 from app.service import (
     Classification,
     RequestError,
+    admit,
     check_inputs,
     classify_for_http,
     count_refusal,
     find_model,
-    refuse_early,
     timing_headers,
 )
 
@@ -461,14 +461,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     app = request.app
     try:
         number = parse_version(version)
-        refuse_early(request, name, number, "v2")  # before the body is read (counted there)
+        admit(request, name, number, "v2")  # before the body is read (counted there)
     except RequestError as exc:
         raise as_v2_error(exc) from exc
     try:
         model = lookup(request, name, number)
         body = await http_body.read_body(request, app.state.settings.max_body_bytes)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        parsed = parse_request(parse_json(header), binary, model, app.state.settings)
+        parsed = await http_body.off_the_loop(len(body), lambda: parse_request(
+            parse_json(header), binary, model, app.state.settings))
     except RequestError as exc:
         # Counted like the service counts its own refusals (the service never saw this one).
         count_refusal(request, name, number, "v2", exc.status)

@@ -37,8 +37,9 @@ class ShuttingDown(Exception):
 
 
 class Reservation:
-    """Queue room held for a request between admission and its rows entering the queue, so
-    that the expensive work in between (tokenising) is only done for requests that will run."""
+    """Queue room held for a request from admission until its rows enter the queue, so that
+    the expensive work in between (tokenising) is only done for
+    requests that will run."""
 
     def __init__(self, batcher: Batcher, rows: int):
         self.batcher, self.rows = batcher, rows

@@ -12,7 +12,10 @@ from pydantic import BaseModel, ValidationError
 from app.service import RequestError
 
 Schema = TypeVar("Schema", bound=BaseModel)
-MAX_VERSION_DIGITS = 9  # versions are folder names 1, 2, ...; longer digit strings name none
+MAX_VERSION_DIGITS = 9
+# Bodies larger than this are parsed in a worker thread: the parse holds the GIL, but the event
+# loop gets it back every few milliseconds, so health probes are not queued behind 2 MB parses.
+THREAD_PARSE_BYTES = 64 * 1024  # versions are folder names 1, 2, ...; longer digit strings name none
 
 
 def field_name(loc: tuple) -> str:
@@ -80,3 +83,12 @@ def parse_model(raw: bytes, schema: type[Schema]) -> Schema:
                 "Invalid JSON: ", "")) from None
         field = field_name(tuple(first.get("loc", ())))
         raise RequestError(422, field, first.get("msg", "invalid value")) from None
+
+
+async def off_the_loop(size: int, function, *args):
+    """function(*args), in a worker thread when the body it works on is large."""
+    if size <= THREAD_PARSE_BYTES:
+        return function(*args)
+    from anyio import to_thread
+
+    return await to_thread.run_sync(function, *args)

@@ -163,17 +163,27 @@ def count_refusal(request, model_name: str, version: int | None, protocol: str, 
         app.state.metrics.observe_request(model.name, model.version, 0.0, ok=False)
 
 
-def refuse_early(request, model_name: str, version: int | None, protocol: str) -> None:
-    """Before a body is even parsed: unknown model, shutting down, or a full queue. Counted
-    like every other refusal."""
+# The fewest bytes a row takes in a JSON body (`"x",`): a body of N bytes holds at most N / 4 rows.
+MIN_ROW_BYTES = 4
+
+
+def admit(request, model_name: str, version: int | None, protocol: str) -> None:
+    """Before the body is read: unknown model, shutting down, or no room in the queue for the
+    most rows this body can hold (counted like every other refusal). Under overload the queue
+    frees a batch at a time, so most refusals happen here, without reading or parsing the body;
+    room is then reserved for the request's real rows before it is tokenised."""
     from app.batcher import QueueFull, ShuttingDown
 
     app = request.app
-    registry = app.state.registry
+    registry, settings = app.state.registry, app.state.settings
+    declared = request.headers.get("content-length", "")
+    rows = settings.max_inputs
+    if declared.isascii() and declared.isdigit() and not request.headers.get("content-encoding"):
+        rows = max(1, min(rows, int(declared) // MIN_ROW_BYTES))
     try:
         model = find_model(registry, model_name, version)
         try:
-            model.batcher.check_room(1)
+            model.batcher.check_room(rows)
         except QueueFull as exc:
             raise RequestError(429, "inputs", f"server overloaded: {exc}; retry later", "overloaded") from exc
         except ShuttingDown:
