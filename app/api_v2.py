@@ -84,12 +84,44 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+_TEXTS = {"type": "array", "items": {"type": "string", "minLength": 1}}
+INFER_REQUEST_SCHEMA = {
+    "type": "object", "required": ["inputs"], "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+            "type": "object", "required": ["name", "shape", "datatype", "data"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "enum": ["text", "text_pair"],
+                                    "description": "text_pair only for pair models"},
+                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                     "minItems": 1, "maxItems": 1, "description": "[number of texts]"},
+                           "datatype": {"type": "string", "enum": ["BYTES"]},
+                           "data": _TEXTS,
+                           "parameters": {"type": "object"}}}},
+        "outputs": {"type": "array", "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string", "enum": list(OUTPUT_NAMES)},
+                           "parameters": {"type": "object",
+                                          "properties": {"binary_data": {"type": "boolean"}}}}}},
+        "parameters": {"type": "object", "description": "others (sequence_id, ...) are accepted and ignored",
+                       "properties": {
+                           "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                           "min_layers": {"type": "integer", "minimum": 1},
+                           "max_layers": {"type": "integer", "minimum": 1},
+                           "timeout_ms": {"type": "number", "exclusiveMinimum": 0},
+                           "timeout": {"type": "integer", "minimum": 0, "description": "microseconds (Triton's)"},
+                           "priority": {"type": "integer", "minimum": 0},
+                           "binary_data_output": {"type": "boolean"}}},
+    },
+}
 INFER_BODY = {
     "requestBody": {
         "required": True,
+        "description": f"JSON; or, with the binary tensor data extension, {HEADER_LENGTH} bytes of this "
+                       "JSON followed by the raw input tensors (tritonclient does this)",
         "content": {
             "application/json": {
-                "schema": {"type": "object"},
+                "schema": INFER_REQUEST_SCHEMA,
                 "example": {
                     "id": "42",
                     "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
@@ -98,13 +130,14 @@ INFER_BODY = {
                     "outputs": [{"name": "label"}, {"name": "exit_layer"}],
                 },
             },
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary",
-                           "description": f"binary tensor data extension: {HEADER_LENGTH} bytes "
-                                          "of JSON, then the raw input tensors"}},
         },
     }
 }
+INFER_RESPONSES = {**ERRORS, 200: {"description": "the outputs: JSON, or JSON then raw tensors for "
+                                                  "outputs asked as binary_data",
+                                   "content": {"application/json": {"schema": {"type": "object"}},
+                                               "application/octet-stream": {
+                                                   "schema": {"type": "string", "format": "binary"}}}}}
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -139,12 +172,24 @@ def model_metadata(request: Request, model: LoadedModel, version: int | None) ->
     )
 
 
+# Integers past this are no count, size or time this server could mean (and past 2**1023 no
+# float either): refused as out of range rather than overflowing.
+MAX_INTEGER = 2**53
+
+
 def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer in JSON's sense: 3 or 3.0 (JSON Schema's integers), never a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value) and value.is_integer() and abs(value) <= MAX_INTEGER
+    return abs(value) <= MAX_INTEGER
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= MAX_INTEGER if isinstance(value, int) else math.isfinite(value)
 
 
 # -- request parsing -------------------------------------------------------------------------
@@ -152,7 +197,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data) of a request."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit():
+    if not (header_length.strip().isascii() and header_length.strip().isdigit()):
         raise bad(HEADER_LENGTH, f"{header_length!r} is not a byte count")
     size = int(header_length)
     if size > len(body):
@@ -253,6 +298,7 @@ def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[s
     shape = item.get("shape")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise bad(f"{where}.shape", f"a list of non-negative integers is required, not {shape!r}")
+    shape = [int(d) for d in shape]
     if len(shape) != 1:
         raise bad(f"{where}.shape", f"input {name!r} has shape [-1] (one dimension, one row per text), "
                   f"not {shape}")
@@ -263,6 +309,7 @@ def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[s
         size = parameters["binary_data_size"]
         if not is_int(size) or size < 0:
             raise bad(f"{where}.parameters.binary_data_size", f"a non-negative integer is required, not {size!r}")
+        size = int(size)
         if "data" in item:
             raise bad(f"{where}.data", "give either data or parameters.binary_data_size, not both")
         if offset + size > len(binary):
@@ -334,7 +381,8 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
         if value is not None and not (is_int(value) and 1 <= value <= layers):
             raise bad(f"parameters.{key}", f"an integer in the model's layers 1..{layers} is required, "
                       f"not {value!r}")
-    min_layers, max_layers = parameters.get("min_layers"), parameters.get("max_layers")
+    min_layers, max_layers = (None if parameters.get(k) is None else int(parameters[k])
+                              for k in ("min_layers", "max_layers"))
     if min_layers is not None and max_layers is not None and min_layers > max_layers:
         raise bad("parameters.min_layers", f"{min_layers} exceeds max_layers {max_layers}")
     timeout_ms = parameters.get("timeout_ms")
@@ -531,13 +579,13 @@ async def get_model_version_metadata(model: str, version: str, request: Request)
     return model_metadata(request, lookup(request, model, number), number)
 
 
-@router.post("/models/{model}/infer", responses=ERRORS, openapi_extra=INFER_BODY,
+@router.post("/models/{model}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY,
              dependencies=[Depends(require_api_key)])
 async def infer(model: str, request: Request):
     return await _infer(request, model, None)
 
 
-@router.post("/models/{model}/versions/{version}/infer", responses=ERRORS, openapi_extra=INFER_BODY,
+@router.post("/models/{model}/versions/{version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY,
              dependencies=[Depends(require_api_key)])
 async def infer_version(model: str, version: str, request: Request):
     return await _infer(request, model, version)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import numpy as np
-from anyio import to_thread
 
 from app.encoding import EncodedBatch
 from app.engine import Engine, ExitResult
+from app.threads import in_worker
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Batcher:
         max_layers = np.array([job.max_layers for job, _ in chosen], dtype=np.int64)
         start = time.monotonic()
         try:
-            result = await to_thread.run_sync(self.engine.run, batch, threshold, min_layers, max_layers)
+            result = await in_worker(self.engine.run, batch, threshold, min_layers, max_layers)
         except Exception as exc:  # a failed batch fails its requests, not the worker
             log.exception("batch of %d rows failed", len(chosen))
             for job in _unique(j for j, _ in chosen):

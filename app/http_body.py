@@ -89,6 +89,6 @@ async def off_the_loop(size: int, function, *args):
     """function(*args), in a worker thread when the body it works on is large."""
     if size <= THREAD_PARSE_BYTES:
         return function(*args)
-    from anyio import to_thread
+    from app.threads import in_worker
 
-    return await to_thread.run_sync(function, *args)
+    return await in_worker(function, *args)

@@ -170,7 +170,7 @@ class Registry:
         """Load new or changed versions (of one model, or all), verifying each before it serves;
         the version being replaced drains its queue before it goes. A bundle that fails in any
         way (files, manifest, tokenizer, sessions, warm-up) is reported and skipped."""
-        from anyio import to_thread
+        from app.threads import in_worker
 
         report = ReloadReport()
         async with self._lock:
@@ -192,7 +192,7 @@ class Registry:
                         if current is not None and current.fingerprint == _fingerprint(manifest):
                             report.unchanged.append(key)
                             continue
-                        model = await to_thread.run_sync(self._load, name, version, path)
+                        model = await in_worker(self._load, name, version, path)
                     except Exception as exc:  # noqa: BLE001 - any bad bundle is skipped, never fatal
                         report.failed[key] = self.errors[key] = self.public_error(exc)
                         log.error("bundle %s not loaded%s: %s", path,

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 Text = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _whole_number(value):
+    """2.0 is an integer (as JSON Schema says); 2.5, "2" and true are not (strict otherwise)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+LayerCount = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
 TextPair = Annotated[list[Text], Field(min_length=2, max_length=2)]
 
 
@@ -22,8 +32,8 @@ class PredictRequest(BaseModel):
         default=None, ge=0.0, le=1.0,
         description="uncertainty below which a row exits: 0 = full depth, 1 = first exit; "
                     "default: the model's recommended threshold")
-    min_layers: int | None = Field(default=None, ge=1, description="no exit before this layer")
-    max_layers: int | None = Field(default=None, ge=1, description="always exit at this layer")
+    min_layers: LayerCount | None = Field(default=None, description="no exit before this layer")
+    max_layers: LayerCount | None = Field(default=None, description="always exit at this layer")
     return_probabilities: bool = False
     timeout_ms: float | None = Field(default=None, gt=0, description="deadline: 504 instead of a late answer")
 

@@ -20,9 +20,11 @@ from app.batcher import Batcher
 from app.http_body import field_name
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry
-from app.schemas import ErrorResponse, PredictRequest
+from app.openapi import complete as complete_openapi
+from app.schemas import ErrorResponse
 from app.service import RequestError
 from app.settings import Settings
+from app.threads import set_worker_nice
 
 log = logging.getLogger("offramp.server")
 
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app import api_v1, api_v2, api_v2_repository
 
     settings = settings or Settings()
+    set_worker_nice(settings.worker_nice)
     metrics = Metrics()
 
     def make_batcher(model: LoadedModel) -> Batcher:
@@ -138,6 +141,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers["WWW-Authenticate"] = "Bearer"
         if exc.status in (429, 503):
             headers["Retry-After"] = str(RETRY_AFTER_S)
+        if exc.status == 429 and settings.overload_hold_ms:
+            # A refusal costs the server little but a client that retries at once sends the next
+            # request at once: held, the refusals of even 64 such clients stay a small load.
+            await asyncio.sleep(settings.overload_hold_ms / 1000)
         return error_response(exc.status, str(exc), exc.error_type, exc.field, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -191,13 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     fastapi_openapi = app.openapi
 
     def openapi() -> dict:
-        # /v1 reads its bodies itself (after the API key and admission): its schema is added here.
         if app.openapi_schema is None:
-            schema = fastapi_openapi()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(request_schema.pop("$defs", {}))
-            components["PredictRequest"] = request_schema
+            app.openapi_schema = complete_openapi(fastapi_openapi())
         return app.openapi_schema
 
     app.openapi = openapi

@@ -95,13 +95,15 @@ _tokenize_limiter = None
 
 async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: int) -> EncodedBatch:
     global _tokenize_limiter
-    from anyio import CapacityLimiter, to_thread
+    from anyio import CapacityLimiter
+
+    from app.threads import in_worker
 
     if characters <= INLINE_TOKENIZE_CHARS:
         batch = model.encoder.encode(list(inputs))
     else:
         _tokenize_limiter = _tokenize_limiter or CapacityLimiter(TOKENIZE_THREADS)
-        batch = await to_thread.run_sync(model.encoder.encode, list(inputs), limiter=_tokenize_limiter)
+        batch = await in_worker(model.encoder.encode, list(inputs), limiter=_tokenize_limiter)
     if batch.empty is not None and batch.empty.any():
         row = int(np.flatnonzero(batch.empty)[0])
         raise RequestError(422, f"inputs[{row}]", "text is blank: none of its characters makes a token")
@@ -147,7 +149,8 @@ def find_model(registry, name: str, version: int | None) -> LoadedModel:
     if model is not None:
         return model
     if name in registry.versions:
-        raise RequestError(404, "version", f"model {name!r} has no version {version}; "
+        asked = "of that many digits" if version is not None and version < 0 else version
+        raise RequestError(404, "version", f"model {name!r} has no version {asked}; "
                            f"loaded: {sorted(registry.versions[name])}", "not_found")
     raise RequestError(404, "model", f"no model named {name!r}; loaded: {sorted(registry.versions)}",
                        "not_found")
@@ -185,7 +188,8 @@ def admit(request, model_name: str, version: int | None, protocol: str) -> None:
         try:
             model.batcher.check_room(rows)
         except QueueFull as exc:
-            raise RequestError(429, "inputs", f"server overloaded: {exc}; retry later", "overloaded") from exc
+            raise RequestError(429, "inputs", f"server overloaded: {exc}, no room for up to {rows} more; "
+                               "retry later", "overloaded") from exc
         except ShuttingDown:
             if app.state.draining:
                 raise RequestError(503, "model", "the server is shutting down", "unavailable") from None

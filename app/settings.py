@@ -25,12 +25,15 @@ class Settings(BaseSettings):
     provider: Literal["cpu", "cuda", "openvino"] = Field(
         "cpu", description="runtime: ONNX Runtime cpu or cuda (falls back to cpu), or openvino (extra: offramp[openvino])")
     intra_op_threads: int | None = Field(None, ge=1, description="threads per inference; default: the cgroup CPU quota")
+    worker_nice: int = Field(5, ge=0, le=19, description="compute threads run this much nicer than the HTTP loop (0: off)")
     # batching
     batching: bool = Field(True, description="merge concurrent requests into shared batches")
     max_batch_rows: int = Field(32, ge=1, description="rows per batch (the engine splits a batch into length groups: docs/serving.md)")
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (rows x longest row)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first row of a batch waits for company")
     max_queue_rows: int = Field(2048, ge=1, description="rows waiting per model; beyond: 429 with Retry-After")
+    overload_hold_ms: float = Field(
+        200.0, ge=0, description="a 429 is answered after this pause, so clients that retry at once cannot spin the server")
     default_timeout_ms: float | None = Field(None, gt=0, description="deadline of requests that set no timeout_ms")
     # limits
     max_inputs: int = Field(256, ge=1, description="texts per request (413 beyond)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 
@@ -36,3 +37,37 @@ def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     if quota is not None:
         available = min(available, math.ceil(quota))
     return max(1, available)
+
+
+# Worker threads (engine, tokeniser, loading, large parses) run at a lower priority than the
+# event loop's thread, so that on a busy machine the loop (health probes, admission, answers)
+# is scheduled first; threads those workers create (ONNX Runtime's and the tokeniser's pools)
+# inherit it. Set once by the server (OFFRAMP_WORKER_NICE); 0 leaves priorities alone.
+_worker_nice = 0
+_lowered = threading.local()
+
+
+def set_worker_nice(nice: int) -> None:
+    global _worker_nice
+    _worker_nice = nice
+
+
+def _at_worker_priority(function):
+    def run(*args):
+        if _worker_nice and not getattr(_lowered, "done", False):
+            _lowered.done = True
+            try:  # a thread's own niceness on Linux; raising it needs no privilege
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + _worker_nice)
+            except (AttributeError, OSError):
+                pass
+        return function(*args)
+
+    return run
+
+
+async def in_worker(function, *args, limiter=None):
+    """function(*args) in a worker thread, at the workers' priority."""
+    from anyio import to_thread
+
+    return await to_thread.run_sync(_at_worker_priority(function), *args, limiter=limiter)
