@@ -84,34 +84,45 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
-_TEXTS = {"type": "array", "items": {"type": "string", "minLength": 1}}
+# Integers past this are no count, size or time this server could mean (and past 2**1023 no
+# float either): refused as out of range rather than overflowing.
+MAX_INTEGER = 2**53
+_TEXTS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+
+
+def _optional(schema: dict) -> dict:
+    """null is taken as absent, as everywhere in this server."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
 INFER_REQUEST_SCHEMA = {
     "type": "object", "required": ["inputs"], "additionalProperties": False,
     "properties": {
-        "id": {"type": "string"},
+        "id": _optional({"type": "string"}),
         "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
             "type": "object", "required": ["name", "shape", "datatype", "data"], "additionalProperties": False,
             "properties": {"name": {"type": "string", "enum": ["text", "text_pair"],
                                     "description": "text_pair only for pair models"},
-                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER},
                                      "minItems": 1, "maxItems": 1, "description": "[number of texts]"},
                            "datatype": {"type": "string", "enum": ["BYTES"]},
                            "data": _TEXTS,
-                           "parameters": {"type": "object"}}}},
-        "outputs": {"type": "array", "items": {
+                           "parameters": _optional({"type": "object"})}}},
+        "outputs": _optional({"type": "array", "items": {
             "type": "object", "required": ["name"],
             "properties": {"name": {"type": "string", "enum": list(OUTPUT_NAMES)},
-                           "parameters": {"type": "object",
-                                          "properties": {"binary_data": {"type": "boolean"}}}}}},
-        "parameters": {"type": "object", "description": "others (sequence_id, ...) are accepted and ignored",
-                       "properties": {
-                           "threshold": {"type": "number", "minimum": 0, "maximum": 1},
-                           "min_layers": {"type": "integer", "minimum": 1},
-                           "max_layers": {"type": "integer", "minimum": 1},
-                           "timeout_ms": {"type": "number", "exclusiveMinimum": 0},
-                           "timeout": {"type": "integer", "minimum": 0, "description": "microseconds (Triton's)"},
-                           "priority": {"type": "integer", "minimum": 0},
-                           "binary_data_output": {"type": "boolean"}}},
+                           "parameters": _optional({"type": "object",
+                                                    "properties": {"binary_data": _optional({"type": "boolean"})}})}}}),
+        "parameters": _optional({
+            "type": "object", "description": "others (sequence_id, ...) are accepted and ignored",
+            "properties": {
+                "threshold": _optional({"type": "number", "minimum": 0, "maximum": 1}),
+                "min_layers": _optional({"type": "integer", "minimum": 1}),
+                "max_layers": _optional({"type": "integer", "minimum": 1}),
+                "timeout_ms": _optional({"type": "number", "exclusiveMinimum": 0}),
+                "timeout": _optional({"type": "integer", "minimum": 0, "description": "microseconds (Triton's)"}),
+                "priority": _optional({"type": "integer", "minimum": 0}),
+                "binary_data_output": _optional({"type": "boolean"})}}),
     },
 }
 INFER_BODY = {
@@ -172,11 +183,6 @@ def model_metadata(request: Request, model: LoadedModel, version: int | None) ->
     )
 
 
-# Integers past this are no count, size or time this server could mean (and past 2**1023 no
-# float either): refused as out of range rather than overflowing.
-MAX_INTEGER = 2**53
-
-
 def is_int(value: Any) -> bool:
     """An integer in JSON's sense: 3 or 3.0 (JSON Schema's integers), never a boolean."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -225,7 +231,7 @@ def flatten(data: Any) -> list:
 def tensor_parameters(item: dict, where: str, why: str) -> dict:
     """A tensor's `parameters` object; shared memory and classification are refused (this
     server has neither), any other name is ignored."""
-    parameters = item.get("parameters") or {}
+    parameters = {} if item.get("parameters") is None else item["parameters"]
     if not isinstance(parameters, dict):
         raise bad(f"{where}.parameters", "must be an object")
     for key in parameters:
@@ -327,6 +333,9 @@ def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[s
     else:
         if "data" not in item:
             raise bad(f"{where}.data", f"input {name!r} has no data (and no parameters.binary_data_size)")
+        if not isinstance(item["data"], list):
+            raise bad(f"{where}.data", f"a list of strings (flat or nested row-major) is required, not "
+                      f"{type(item['data']).__name__}")
         texts = flatten(item["data"])
         for i, text in enumerate(texts):
             if not isinstance(text, str):
@@ -354,7 +363,7 @@ def parse_outputs(value: Any, default_binary: bool) -> list[RequestedOutput]:
         seen.add(name)
         parameters = tensor_parameters(item, where, "outputs come in the body (JSON or binary_data); "
                                        "use the label and probabilities outputs rather than classification")
-        binary = parameters.get("binary_data", default_binary)
+        binary = default_binary if parameters.get("binary_data") is None else parameters["binary_data"]
         if not isinstance(binary, bool):
             raise bad(f"{where}.parameters.binary_data", f"true or false, not {binary!r}")
         outputs.append(RequestedOutput(name, binary))
@@ -369,7 +378,7 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     if request_id is not None and not isinstance(request_id, str):
         raise bad("id", f"a string is required, not {request_id!r}")
 
-    parameters = payload.get("parameters") or {}
+    parameters = {} if payload.get("parameters") is None else payload["parameters"]
     if not isinstance(parameters, dict):
         raise bad("parameters", "must be an object")
     layers = model.manifest.num_layers
@@ -396,7 +405,7 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     priority = parameters.get("priority")
     if priority is not None and not (is_int(priority) and priority >= 0):
         raise bad("parameters.priority", f"a non-negative integer is required, not {priority!r}")
-    default_binary = parameters.get("binary_data_output", False)
+    default_binary = False if parameters.get("binary_data_output") is None else parameters["binary_data_output"]
     if not isinstance(default_binary, bool):
         raise bad("parameters.binary_data_output", f"true or false, not {default_binary!r}")
 

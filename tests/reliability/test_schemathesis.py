@@ -163,16 +163,33 @@ MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"inputs\[\d+\]"), ("takes single texts", "takes [text, text_pair] pairs", "text is blank")),
     (re.compile(r"(min|max)_layers"), ("is outside the model's layers", "exceeds max_layers")),
 )
+# /v2's infer schema cannot say either that a tensor's shape counts its data, that the inputs are
+# the model's (text_pair only for pair models, each once; outputs too), or the model's depth: the same kind
+# of refusal, as 400 naming the tensor's field (app/api_v2.py parse_input, parse_request).
+V2_MODEL_DEPENDENT_REFUSALS = (
+    (re.compile(r"inputs\[\d+\]\.shape"), ("elements but", "differs from the shape of 'text'")),
+    (re.compile(r"inputs\[\d+\]\.name"), ("unexpected inference input", "is given twice")),
+    (re.compile(r"outputs\[\d+\]\.name"), ("is requested twice",)),
+    (re.compile(r"inputs"), ("needs the input",)),
+    (re.compile(r"inputs\[\d+\](\.data\[\d+\])?"), ("text is blank",)),
+    (re.compile(r"parameters\.(min|max)_layers"), ("in the model's layers", "exceeds max_layers")),
+)
 
 
 def _is_model_dependent_refusal(failure, case, response) -> bool:
-    if not isinstance(failure, RejectedPositiveData) or response.status_code != 422 or not case.path.startswith("/v1/"):
+    if not isinstance(failure, RejectedPositiveData):
+        return False
+    if case.path.startswith("/v1/") and response.status_code == 422:
+        refusals = MODEL_DEPENDENT_REFUSALS
+    elif case.path.startswith("/v2/") and case.path.endswith("/infer") and response.status_code == 400:
+        refusals = V2_MODEL_DEPENDENT_REFUSALS
+    else:
         return False
     body = _body_json(response)
     if not isinstance(body, dict) or not isinstance(body.get("field"), str):
         return False
     return any(field.fullmatch(body["field"]) and any(reason in body.get("error", "") for reason in reasons)
-               for field, reasons in MODEL_DEPENDENT_REFUSALS)
+               for field, reasons in refusals)
 
 
 # -- the schemas under test ----------------------------------------------------------------
