@@ -26,6 +26,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from app import logs
+    from app.http_protocol import bounded_protocol
     from app.server import create_app
 
     from app.auth import anonymous_exposure
@@ -46,7 +47,7 @@ def serve(args: argparse.Namespace) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            log_level=settings.log_level,
+                            log_level=settings.log_level, http=bounded_protocol(settings.header_timeout_s),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
     Server(config).run()
 

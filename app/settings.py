@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(20_000, ge=1, description="characters per text (413 beyond)")
     max_body_bytes: int = Field(2_000_000, ge=1, description="request body size (413 beyond)")
     body_timeout_s: float = Field(30.0, gt=0, description="time a request body may take to arrive (408 beyond)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time a connection may take to send a request's headers (closed beyond)")
     # operations
     api_key: SecretStr | None = Field(None, description="Bearer key for predict and admin routes; unset: open")
     allow_anonymous: bool = Field(

@@ -124,3 +124,27 @@ def test_a_body_that_never_finishes_is_cut_off(tiny_bundle):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_connections_that_trickle_headers_or_say_nothing_are_closed(tiny_bundle):
+    proc, url = start_quiet_server(tiny_bundle["models"], intra_op_threads=1, header_timeout_s=1)
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        trickling = socket.create_connection((host, int(port)), timeout=10)
+        start = time.monotonic()
+        trickling.sendall(b"POST /v1/models/tiny/predict HTTP/1.1\r\n")
+        for _ in range(3):  # a byte now and then does not keep it open
+            time.sleep(0.4)
+            try:
+                trickling.sendall(b"X")
+            except OSError:
+                break
+        for conn in (silent, trickling):
+            assert conn.recv(4096) == b""  # closed by the server
+            assert time.monotonic() - start < 5
+            conn.close()
+        assert httpx.post(url + "/v1/models/tiny/predict", json={"inputs": ["fine"]}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
