@@ -170,7 +170,7 @@ class Tally:
     ok: int = 0  # 200 by the phase's end
     late: int = 0  # 200 after it (in flight at the end)
     rejected: int = 0  # 429
-    rejected_after_parse: int = 0  # 429 whose message says the queue was not full
+    rejected_after_parse: int = 0  # 429 refused after the body was parsed (not at admission)
     retry_after_missing: int = 0
     other: Counter = field(default_factory=Counter)  # every other status, and transport errors
     latencies_s: list[float] = field(default_factory=list)  # of the 200s by the end
@@ -211,8 +211,10 @@ async def run_phase(proc, host: str, port: int, route: str, bodies: list[bytes],
                         tally.late += 1
                 elif status == 429:
                     tally.rejected += 1
-                    found = QUEUE_FULL.search(payload.decode("utf-8", "replace"))
-                    if found and int(found[1]) < int(found[2]):
+                    # The server's admission before the body says "no room for up to N more"; a
+                    # refusal after parsing (room reserved for the real rows) does not.
+                    message = payload.decode("utf-8", "replace")
+                    if QUEUE_FULL.search(message) and "no room for up to" not in message:
                         tally.rejected_after_parse += 1
                     retry_after = headers.get("retry-after")
                     if retry_after is None:
