@@ -88,8 +88,14 @@ def test_openvino_answers_like_onnx_runtime(bundle, tiny_bundle):
     ov_probs = ov.all_layer_probabilities(batch)
     # The same graphs on another runtime: fp32 agrees to rounding; int8 kernels requantise at
     # slightly different points (measured on the real model: docs/benchmarks.md).
-    np.testing.assert_allclose(ov_probs, ort_probs, atol=6e-2 if bundle.name.endswith("int8") else 1e-4)
-    assert (ov_probs[-1].argmax(-1) == ort_probs[-1].argmax(-1)).mean() >= 0.9
+    atol = 6e-2 if bundle.name.endswith("int8") else 1e-4
+    np.testing.assert_allclose(ov_probs, ort_probs, atol=atol)
+    # Labels agree wherever the answer is not a toss-up within that tolerance (a random tiny
+    # model puts many rows near 0.5).
+    top2 = np.sort(ort_probs[-1], axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * atol
+    assert clear.sum() >= 3
+    assert (ov_probs[-1].argmax(-1) == ort_probs[-1].argmax(-1))[clear].all()
 
 
 def test_openvino_missing_is_a_clear_error(tiny_bundle, monkeypatch):
