@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.load import Connection, start_server
+from bench.load import Connection, start_server, stop_server
 from bench.soak import DEFAULT_DATA, LogTail, _fmt, percentiles, process_stats
 from training.data import read_examples
 
@@ -346,13 +346,7 @@ def overload(models: Path, data: Path | list[str], clients: int = 64, rows: int 
             if prober.is_alive():
                 prober.kill()
         died = proc.poll()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except Exception:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
         tail.thread.join(timeout=5)
     for phase in phases.values():
         phase["probes"] = probe_summary(samples, phase["start"], phase["end"])

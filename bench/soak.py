@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.load import Connection, start_server
+from bench.load import Connection, start_server, stop_server
 from training.data import read_examples
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2" / "dev.tsv"
@@ -505,13 +505,7 @@ def soak(models: Path, data: Path | list[str], clients: int = 64, minutes: float
         run = asyncio.run(_soak(proc, url, texts, clients, duration_s, warmup_s, sample_s, rows_per_request,
                                 protocol, seed, max_requests, timeout_s, client, log))
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except Exception:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
         tail.thread.join(timeout=5)
     samples = run["samples"]
     summary = summarize(samples, warmup_s, duration_s, target_pct)

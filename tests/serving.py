@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -17,3 +18,15 @@ def start_server(models, **settings) -> tuple[subprocess.Popen, str]:
         return _start_server(models, capture_output=True, ready_timeout_s=60, **settings)
     except RuntimeError as exc:
         pytest.fail(str(exc))
+
+
+def slow_engines(client, seconds: float) -> None:
+    """Make every engine of an in-process app (a TestClient's) take at least `seconds` a batch."""
+    for model in client.app.state.registry.all_loaded():
+        run = model.engine.run
+
+        def slow(*args, _run=run, **kw):
+            time.sleep(seconds)
+            return _run(*args, **kw)
+
+        model.engine.run = slow

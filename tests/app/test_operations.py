@@ -13,22 +13,11 @@ from fastapi.testclient import TestClient
 
 from app.server import create_app
 from app.settings import Settings
+from tests.serving import slow_engines
 
 
 def client_for(models, **settings):
     return TestClient(create_app(Settings(model_dir=models, intra_op_threads=1, **settings)))
-
-
-def slow_engines(client, seconds):
-    """Make every loaded engine take at least `seconds` per batch."""
-    for model in client.app.state.registry.all_loaded():
-        run = model.engine.run
-
-        def slow(*args, _run=run, **kw):
-            time.sleep(seconds)
-            return _run(*args, **kw)
-
-        model.engine.run = slow
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_bundle):

@@ -13,18 +13,8 @@ from fastapi.testclient import TestClient
 
 from app.server import create_app
 from app.settings import Settings
+from tests.serving import slow_engines
 from bench.load import start_server as start_quiet_server
-
-
-def slow_engines(client, seconds):
-    for model in client.app.state.registry.all_loaded():
-        run = model.engine.run
-
-        def slow(*args, _run=run, **kw):
-            time.sleep(seconds)
-            return _run(*args, **kw)
-
-        model.engine.run = slow
 
 
 def test_refused_requests_are_never_tokenised(tiny_bundle):
