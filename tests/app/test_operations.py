@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
