@@ -24,6 +24,7 @@ cores, the tiny bundle's training included).
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import re
 import struct
@@ -38,7 +39,9 @@ from schemathesis.core import NOT_SET
 from schemathesis.openapi.checks import RejectedPositiveData
 
 SEED = 20260101
-MAX_EXAMPLES = 60  # per operation and pass, in the fuzzing phase (the examples and coverage phases add theirs)
+# per operation and pass, in the fuzzing phase (the examples and coverage phases add theirs);
+# OFFRAMP_FUZZ_EXAMPLES=600 for a long run outside CI
+MAX_EXAMPLES = int(os.environ.get("OFFRAMP_FUZZ_EXAMPLES", "60"))
 UNAUTHENTICATED_EXAMPLES = 10
 MODEL, VERSION = "tiny", "1"  # what the reliability server serves
 # Operations behind the API key (docs/serving.md: predict, infer, reload and load).
