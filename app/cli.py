@@ -28,6 +28,7 @@ def serve(args: argparse.Namespace) -> None:
     from app import logs
     from app.http_protocol import bounded_protocol
     from app.server import create_app
+    from app.threads import limit_malloc_arenas
 
     from app.auth import anonymous_exposure
 
@@ -36,6 +37,7 @@ def serve(args: argparse.Namespace) -> None:
     if refusal:
         print(f"offramp serve: error: {refusal}", file=sys.stderr)
         sys.exit(2)
+    limit_malloc_arenas()
     logs.configure(settings.log_level)
     app = create_app(settings)
 
