@@ -6,8 +6,10 @@ and from this one function, so limits, batching and timing behave the same on al
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
@@ -90,11 +92,10 @@ def check_inputs(model: LoadedModel, inputs: Sequence[TextInput], settings: Sett
     return characters
 
 
-_tokenize_limiter = None
+_tokenize_limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
 
 
 async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: int) -> EncodedBatch:
-    global _tokenize_limiter
     from anyio import CapacityLimiter
 
     from app.threads import in_worker
@@ -102,8 +103,9 @@ async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: 
     if characters <= INLINE_TOKENIZE_CHARS:
         batch = model.encoder.encode(list(inputs))
     else:
-        _tokenize_limiter = _tokenize_limiter or CapacityLimiter(TOKENIZE_THREADS)
-        batch = await in_worker(model.encoder.encode, list(inputs), limiter=_tokenize_limiter)
+        loop = asyncio.get_running_loop()
+        limiter = _tokenize_limiters.setdefault(loop, CapacityLimiter(TOKENIZE_THREADS))
+        batch = await in_worker(model.encoder.encode, list(inputs), limiter=limiter)
     if batch.empty is not None and batch.empty.any():
         row = int(np.flatnonzero(batch.empty)[0])
         raise RequestError(422, f"inputs[{row}]", "text is blank: none of its characters makes a token")
@@ -205,7 +207,6 @@ async def classify_for_http(request, model_name: str, version: int | None, input
     """classify() for an HTTP request: model lookup, queue and deadline errors as RequestError,
     metrics and one structured log line per request. A request that picked a version while
     it was being replaced goes to its successor rather than being refused."""
-    import asyncio
 
     from app.batcher import DeadlineExceeded, QueueFull, ShuttingDown
 
