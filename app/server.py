@@ -24,11 +24,18 @@ from app.openapi import complete as complete_openapi
 from app.schemas import ErrorResponse
 from app.service import RequestError
 from app.settings import Settings
-from app.threads import set_worker_nice
+from app.threads import in_worker, release_free_memory, set_worker_nice
 
 log = logging.getLogger("offramp.server")
 
 RETRY_AFTER_S = 1
+MEMORY_TRIM_INTERVAL_S = 10.0
+
+
+async def _release_free_memory_every(seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await in_worker(release_free_memory)
 
 
 def error_response(status: int, message: str, error_type: str, field: str | None = None,
@@ -119,8 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("no model loaded from %s: %s", settings.model_dir, registry.errors or "no bundles")
         watcher = (asyncio.create_task(registry.watch(settings.watch_interval_s))
                    if settings.watch_interval_s > 0 else None)
+        trimmer = asyncio.create_task(_release_free_memory_every(MEMORY_TRIM_INTERVAL_S))
         yield
         app.state.draining = True
+        trimmer.cancel()
         if watcher is not None:
             watcher.cancel()
         await registry.stop()  # queued rows are answered before the process exits

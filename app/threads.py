@@ -81,11 +81,26 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     its own arena (up to 8 a core) and each keeps what its thread freed; with ONNX Runtime,
     tokenizer and HTTP threads all allocating, the server's RSS then grows several-fold. Call
     before threads start; a no-op off glibc."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, arenas)
+
+
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the pages malloc holds free back to the system (glibc's malloc_trim): RSS then
+    follows the memory in use instead of the highest it ever was. A no-op off glibc."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
