@@ -18,7 +18,9 @@ def test_summary_growth_is_measured_from_the_end_of_warm_up():
     assert s["growth_end_pct"] == pytest.approx(3.0) and s["growth_max_pct"] == pytest.approx(6.0)
     # peaks of 1-minute windows (a quarter of the 4 minutes after warm-up): 205 at first, 208 last
     assert s["early_peak_mb"] == 205 and s["late_peak_mb"] == 208
-    assert s["met"] and s["verdict"].startswith("growth after warm-up (last window's peak vs the first's): 1.5 %")
+    assert s["early_level_mb"] == 202.5 and s["late_level_mb"] == 207
+    assert s["met"] and s["verdict"].startswith("growth after warm-up (last window vs the first): median 2.2 %, "
+                                                "peak 1.5 %")
     leak = summarize(_samples([100, 200, 201, 210, 220, 230, 240]), warmup_s=60, duration_s=360)
     assert not leak["met"] and leak["verdict"].endswith("(target < 5 %): missed")
     swing = summarize(_samples([100, 200, 180, 210, 185, 212, 190, 208]), warmup_s=60, duration_s=420)
@@ -55,7 +57,7 @@ def test_short_soak_of_a_real_server(tiny_bundle):
                 "growth_max_pct", "slope_last_half_mb_per_10min", "metrics_bytes_end"):
         assert s[key] is not None, key
     assert any(x["metrics_bytes"] for x in samples)
-    assert lines[-1] == s["verdict"] and s["verdict"].startswith("growth after warm-up (last window")
+    assert lines[-1] == s["verdict"] and s["verdict"].startswith("growth after warm-up (last window vs the first)")
     json.dumps(report)  # the report is JSON as it is
 
 
