@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -87,6 +88,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         mallopt(M_ARENA_MAX, arenas)
 
 
+@functools.cache
 def _libc():
     import ctypes
     import ctypes.util
