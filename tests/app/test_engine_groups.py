@@ -76,15 +76,19 @@ def test_rows_alone_match_rows_in_a_grouped_mixed_batch(bundle, provider, tiny_b
     uncertainty = normalized_entropy(engine.all_layer_probabilities(batch))
     ties = (np.abs(uncertainty - thresholds[None, :]) < 1e-4).any(axis=0)
     assert ties.sum() <= 2
+    # OpenVINO's int8 kernels pick their blocking by shape, and a float rounding apart before a
+    # requantisation moves an activation one int8 step: ~1e-4 in a probability (7.5e-5 seen in
+    # CI). A scale taken over the batch (dynamic int8) moves every activation of the row, not one.
+    atol = 5e-4 if provider == "openvino" and bundle.name.endswith("int8") else 1e-5
     for i, text in enumerate(texts):
         if ties[i]:
             continue
         alone = engine.run(model.encoder.encode([text]), thresholds[i])
         assert alone.exit_layer[0] == mixed.exit_layer[i] == unsplit.exit_layer[i]
-        np.testing.assert_allclose(alone.probabilities[0], mixed.probabilities[i], atol=1e-5)
-        np.testing.assert_allclose(unsplit.probabilities[i], mixed.probabilities[i], atol=1e-5)
+        np.testing.assert_allclose(alone.probabilities[0], mixed.probabilities[i], atol=atol)
+        np.testing.assert_allclose(unsplit.probabilities[i], mixed.probabilities[i], atol=atol)
     probs = engine.all_layer_probabilities(batch)
-    np.testing.assert_allclose(probs, whole.all_layer_probabilities(batch), atol=1e-5)
+    np.testing.assert_allclose(probs, whole.all_layer_probabilities(batch), atol=atol)
 
 
 def test_openvino_answers_like_onnx_runtime(bundle, tiny_bundle):
