@@ -111,14 +111,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("texts", nargs="*", help="texts (tab-separated pairs for pair models)")
     p.set_defaults(func=predict)
 
-    register_training(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `offramp train` imports torch to build its options: only when it is the command.
+    register_training(sub, train_methods=bool(argv) and argv[0] == "train")
     register_bench(sub)
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in a bundle's provenance
     if args.command != "serve":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from training.progress import is_first_process
+
+        # One voice in a distributed run: the other processes only warn.
+        logging.basicConfig(level=logging.INFO if is_first_process() else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.func(args)
 
 

@@ -54,6 +54,8 @@ class Provenance(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     wall_time_s: float | None = None
     checkpoint: str | None = None  # where training left the PyTorch checkpoint (not part of the bundle)
+    # How it was trained: {world_size, backend, mixed_precision, device, ...} (training/runtime.py)
+    distributed: dict | None = None
 
 
 class LayerResult(BaseModel):

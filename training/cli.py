@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.manifest import LayerResult, ManifestError, Provenance
 from app.threads import cpu_quota
-from training.config import FastBertConfig, config_from
+from training.config import config_from
 from training.data import DataError
 from training.errors import CommandError
 from training.staging import BUNDLE_MARKER, CHECKPOINT_LEFTOVERS, CHECKPOINT_MARKER, Staged, check_replaceable
@@ -76,7 +76,30 @@ def add_data_arguments(p: argparse.ArgumentParser, unlabeled_help: str, label_na
     p.add_argument("--checkpoint", type=Path, help="where the PyTorch checkpoint goes (default runs/NAME)")
     p.add_argument("--calibration-tolerance", type=float, default=0.5,
                    help="accuracy points below full depth the recommended threshold may lose")
-    p.add_argument("--threads", type=int, help="torch threads (default: the CPU quota)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: the CPU quota / processes)")
+    add_run_arguments(p)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how a run trains (training/runtime.py): every training command has them."""
+    from training.runtime import DEVICES, MIXED_PRECISION
+
+    g = p.add_argument_group("device, precision, processes, resumption (docs/training.md)")
+    g.add_argument("--device", choices=DEVICES, default="auto",
+                   help="single-process runs: where to train (auto: CUDA, else Apple MPS, else CPU); "
+                        "under accelerate launch / torchrun the launcher decides")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
+                   help="autocast the forward and backward passes (weights, export and bundle stay fp32)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="split each process's batch into N micro-batches, one optimiser step per batch: "
+                        "the recipe's batch in 1/N of the memory")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="every N optimiser steps, write a resumable state (model, optimiser, scheduler, "
+                        "random states, data position) to --state-dir")
+    g.add_argument("--state-dir", type=Path,
+                   help="where --save-every writes (default: the checkpoint folder + '-state', or --resume)")
+    g.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the interrupted run whose state is in DIR (the same command otherwise)")
 
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,6 +177,7 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
+    import accelerate
     import onnx
     import torch
     import onnxruntime
@@ -161,11 +185,47 @@ def versions() -> dict[str, str]:
 
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+            "onnxruntime": onnxruntime.__version__, "accelerate": accelerate.__version__}
+
+
+def start_runtime(args: argparse.Namespace, checkpoint: Path, data, recipe: dict):
+    """The run's Runtime (device, precision, processes, resumable state) and its torch threads.
+    A resumed run must match the saved one in `recipe`, data and precision."""
+    import torch
+
+    from training.runtime import RunSettings, Runtime, fingerprint_of
+
+    files = {name: getattr(file, "sha256", None)
+             for name, file in (("train", data.train), ("dev", data.dev), ("unlabeled", data.unlabeled))}
+    state_dir = args.state_dir or args.resume or checkpoint.with_name(checkpoint.name + "-state")
+    settings = RunSettings(
+        device=args.device, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
+        save_every=args.save_every, state_dir=state_dir, resume=args.resume,
+        fingerprint=fingerprint_of({"recipe": recipe, **files, "teacher": str(args.teacher),
+                                    "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum}))
+    if args.save_every < 0:
+        raise CommandError(f"--save-every {args.save_every}: must be 0 (never) or more")
+    runtime = Runtime(settings)
+    torch.set_num_threads(args.threads or max(1, cpu_quota() // runtime.local_world_size))
+    if runtime.world_size > 1:
+        log.info("process %d of %d on %s (%s)", runtime.rank + 1, runtime.world_size, runtime.device,
+                 runtime.describe()["backend"])
+    return runtime
+
+
+def interrupted(runtime) -> CommandError:
+    """What to tell a user whose run stopped: where its last resumable state is."""
+    state = runtime.settings.state_dir
+    if runtime.settings.save_every and state is not None and Path(state).is_dir():
+        return CommandError(f"interrupted at run step {runtime.global_step}; the last resumable state is in "
+                            f"{state}: run the same command with --resume {state}")
+    return CommandError(f"interrupted at run step {runtime.global_step} (no resumable state: pass --save-every N)")
 
 
 def run_fastbert(args: argparse.Namespace) -> None:
     try:
+        from training.methods.fastbert import FastBertConfig
+
         cfg = config_from(FastBertConfig, recipe_values(args, FastBertConfig))
     except ValueError as e:  # e.g. an unknown TOML key
         raise CommandError(str(e)) from None
@@ -173,12 +233,11 @@ def run_fastbert(args: argparse.Namespace) -> None:
     checkpoint = output_paths(args)
     data = read_data(args, cfg.limit_train)
 
-    import torch
-
-    from training.fastbert import train_fastbert
+    from training.methods.fastbert import train_fastbert
     from training.task import load_task
 
-    torch.set_num_threads(args.threads or cpu_quota())
+    recipe = {"method": "fastbert", **dataclasses.asdict(cfg)}
+    runtime = start_runtime(args, checkpoint, data, recipe)
     initial = None
     if args.from_checkpoint:
         from training.model import EarlyExitModel
@@ -191,14 +250,20 @@ def run_fastbert(args: argparse.Namespace) -> None:
             raise CommandError(f"--from-checkpoint {args.from_checkpoint}: file labels {meta['source_labels']} "
                                f"(in class-id order) differ from {data.labels.source}; give --labels "
                                f"{','.join(meta['source_labels'])}")
-    with Staged(checkpoint) as staged:
-        task = load_task(args.teacher, max_seq_length=cfg.max_seq_length, workdir=staged.path, data=data)
-        task.log_file = staged.path / "train_log.jsonl"
-        task.log_file.write_text("")
-        start = time.perf_counter()
-        model = train_fastbert(task, cfg, initial)
-        save_and_export(args, task, model, staged, cfg.max_seq_length, cfg.seed,
-                        {"method": "fastbert", **dataclasses.asdict(cfg)}, time.perf_counter() - start)
+    try:
+        with Staged(checkpoint, scratch=not runtime.is_main) as staged:
+            task = load_task(args.teacher, max_seq_length=cfg.max_seq_length, workdir=staged.path, data=data)
+            task.runtime = runtime
+            task.log_file = staged.path / "train_log.jsonl"
+            task.log_file.write_text("")
+            runtime.restore_log(task.log_file)
+            start = time.perf_counter()
+            model = train_fastbert(task, cfg, initial)
+            save_and_export(args, task, model, staged, cfg.max_seq_length, cfg.seed, recipe,
+                            time.perf_counter() - start)
+    except KeyboardInterrupt:
+        raise interrupted(runtime) from None
+    runtime.finish()
 
 
 def save_and_export(args: argparse.Namespace, task, model, checkpoint: Staged, max_seq_length: int, seed: int,
@@ -210,13 +275,18 @@ def save_and_export(args: argparse.Namespace, task, model, checkpoint: Staged, m
     from training.export import export_bundle
     from training.progress import phase
 
+    runtime = task.runtime
     with phase("dev accuracy per layer", f"{len(task.dev):,} rows"):
-        accuracy = loop.layer_accuracy(model, task.dev)
+        accuracy = loop.layer_accuracy(model, task.dev, runtime)
+    if runtime is not None and not runtime.is_main:
+        return accuracy  # the main process writes the checkpoint and the bundle
     for layer, acc in enumerate(accuracy, 1):
         log.info("dev accuracy at layer %d: %.4f", layer, acc)
+    distributed = runtime.describe() if runtime is not None else None
+    model.cpu()  # export, verification and calibration run on the CPU, in fp32
     staging = checkpoint.path
     model.save(staging, {"labels": task.labels, "source_labels": task.source_labels, "recipe": recipe,
-                         **(meta or {})})
+                         "distributed": distributed, **(meta or {})})
     if task.tokenizer_file.resolve() != (staging / "tokenizer.json").resolve():
         shutil.copyfile(task.tokenizer_file, staging / "tokenizer.json")
     # The checkpoint is complete: it goes into place before the export, which may still fail.
@@ -230,6 +300,7 @@ def save_and_export(args: argparse.Namespace, task, model, checkpoint: Staged, m
         seed=seed, git_commit=git_commit(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         recipe=recipe, versions=versions(), wall_time_s=round(wall_s, 1), checkpoint=str(final),
+        distributed=distributed,
     )
     dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
     manifest = export_bundle(
@@ -296,7 +367,7 @@ def run_card(args: argparse.Namespace) -> None:
     print(f"model card written to {path}")
 
 
-def register(subparsers) -> None:
+def register(subparsers, train_methods: bool = True) -> None:
     quantize = subparsers.add_parser("quantize", help="int8-quantise a bundle, check it on dev, recalibrate")
     quantize.add_argument("bundle", type=Path, help="verified fp32 bundle")
     quantize.add_argument("--out", required=True, type=Path)
@@ -321,16 +392,31 @@ def register(subparsers) -> None:
     card.add_argument("--notes", type=Path, help="Markdown to append (e.g. how to reproduce)")
     card.set_defaults(func=command(run_card))
 
-    train = subparsers.add_parser("train", help="train and export a model bundle")
-    methods = train.add_subparsers(dest="method", required=True)
-    fastbert = methods.add_parser("fastbert", help="FastBERT: fine-tune, then self-distil an exit after every layer")
-    add_task_arguments(fastbert)
-    add_recipe_arguments(fastbert, FastBertConfig)
-    fastbert.set_defaults(func=command(run_fastbert))
+    if train_methods:
+        register_train(subparsers)
+    else:  # `offramp serve` and friends never import torch: `train` is built when it runs
+        subparsers.add_parser("train", help=TRAIN_HELP, add_help=False)
 
+
+TRAIN_HELP = "train and export a model bundle (offramp train --help lists the methods)"
+
+
+def register_train(subparsers) -> None:
+    """`offramp train METHOD ...`: one command per method with a command of its own, and
+    `distill --method` for the rest, each with its recipe's options (training/methods/)."""
     from training.distill_cli import add_distill_arguments, run_distill
+    from training.methods import METHODS, distill_methods
 
-    distill = methods.add_parser("distill", help="distil a fastbert teacher checkpoint into a smaller "
-                                 "student (DistilBERT, TinyBERT, PKD, MobileBERT), then give it exits")
+    train = subparsers.add_parser("train", help=TRAIN_HELP)
+    methods = train.add_subparsers(dest="method", required=True)
+    fastbert = METHODS["fastbert"]
+    p = methods.add_parser("fastbert", help=fastbert.summary)
+    add_task_arguments(p)
+    add_recipe_arguments(p, fastbert.config)
+    p.set_defaults(func=command(run_fastbert))
+
+    names = ", ".join(distill_methods())
+    distill = methods.add_parser("distill", help=f"distil a fastbert teacher checkpoint into a smaller "
+                                 f"student ({names}), then give it exits")
     add_distill_arguments(distill)
     distill.set_defaults(func=command(run_distill))

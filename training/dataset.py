@@ -24,6 +24,19 @@ class Batch:
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.input_ids, self.attention_mask, self.token_type_ids
 
+    def select(self, rows: slice) -> Batch:
+        """Some of the rows, padded to the longest of them."""
+        mask = self.attention_mask[rows]
+        width = max(1, int(mask.sum(1).max()))
+        return Batch(self.input_ids[rows, :width], mask[:, :width], self.token_type_ids[rows, :width],
+                     None if self.labels is None else self.labels[rows], self.index[rows])
+
+    def to(self, device: torch.device | str) -> Batch:
+        """On `device`; `index` stays on the CPU (it looks up cached teacher outputs)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
+                     move(self.labels), self.index)
+
 
 def model_input(example: Example):
     return example.text if example.text_pair is None else (example.text, example.text_pair)

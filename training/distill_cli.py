@@ -1,7 +1,7 @@
 """`offramp train distill --method METHOD --teacher CHECKPOINT ...`: teacher checkpoint + data
 -> distilled student with FastBERT exits -> checkpoint + verified, calibrated ONNX bundle.
 
-Kept out of torch's way: importing this module (to register the command) loads no torch.
+Its options are built from the registry of methods (training/methods/).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from training.cli import LABEL_NAMES_HELP, add_data_arguments, read_config
-from training.config import DISTILL_METHODS, config_from
+from training.config import config_from
+from training.methods import distill_methods
 
 log = logging.getLogger("offramp.train")
 
@@ -24,14 +25,16 @@ _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None
 def _recipe_options() -> dict[str, dict[str, object]]:
     """{option: {method: default}} over every method's config (each option listed once)."""
     options: dict[str, dict[str, object]] = {}
-    for method, config_cls in DISTILL_METHODS.items():
-        for f in dataclasses.fields(config_cls):
+    for method, spec in distill_methods().items():
+        for f in dataclasses.fields(spec.config):
             options.setdefault(f.name, {})[method] = f.default
     return options
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=list(DISTILL_METHODS))
+    methods = distill_methods()
+    p.add_argument("--method", required=True, choices=list(methods),
+                   help="; ".join(f"{name}: {m.summary}" for name, m in methods.items()))
     p.add_argument("--teacher", required=True, type=Path,
                    help="early-exit checkpoint folder written by `offramp train fastbert` (its --checkpoint)")
     p.add_argument("--tokenizer", type=Path,
@@ -40,11 +43,11 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                        LABEL_NAMES_HELP + " (default: the teacher's names; the label set and class-id "
                        "order are always the teacher's)")
     types = {}
-    for config_cls in DISTILL_METHODS.values():
-        for f in dataclasses.fields(config_cls):
+    for spec in methods.values():
+        for f in dataclasses.fields(spec.config):
             types.setdefault(f.name, _TYPES.get(str(f.type), str))
     for name, defaults in _recipe_options().items():
-        shared = len(defaults) == len(DISTILL_METHODS) and len({repr(d) for d in defaults.values()}) == 1
+        shared = len(defaults) == len(methods) and len({repr(d) for d in defaults.values()}) == 1
         where = (f"every method, default {next(iter(defaults.values()))}" if shared
                  else "; ".join(f"{m} {'auto' if d is None else d}" for m, d in defaults.items()))
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=types[name], default=None,
@@ -54,7 +57,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 def distill_values(args: argparse.Namespace) -> dict:
     """The chosen method's settings: the TOML file, then the command line; an option another
     method has but this one does not is an error rather than silently ignored."""
-    config_cls = DISTILL_METHODS[args.method]
+    config_cls = distill_methods()[args.method].config
     known = {f.name for f in dataclasses.fields(config_cls)}
     values = read_config(args.config)
     for name in _recipe_options():
@@ -99,22 +102,20 @@ def run_distill(args: argparse.Namespace) -> None:
     from training.cli import CommandError, output_paths
 
     try:
-        cfg = config_from(DISTILL_METHODS[args.method], distill_values(args))
+        cfg = config_from(distill_methods()[args.method].config, distill_values(args))
     except ValueError as e:  # e.g. a TOML key of another method
         raise CommandError(f"--method {args.method}: {e}") from None
     checkpoint = output_paths(args)
     if checkpoint.resolve() == Path(args.teacher).resolve():
         raise CommandError(f"--checkpoint {checkpoint} is the teacher's folder: the student would overwrite it")
 
-    import torch
-
-    from app.threads import cpu_quota
     from training import loop
-    from training.cli import save_and_export
-    from training.distill import distil, find_tokenizer, load_teacher
+    from training.cli import interrupted, save_and_export, start_runtime
+    from training.distill import distil
     from training.progress import phase
     from training.staging import Staged
     from training.task import load_task
+    from training.teacher import find_tokenizer, load_teacher
 
     try:
         teacher, teacher_meta = load_teacher(args.teacher)
@@ -123,24 +124,32 @@ def run_distill(args: argparse.Namespace) -> None:
         raise CommandError(str(e)) from None
     # Everything that can be refused is checked before anything is written.
     data = teacher_labels(args, teacher_meta, teacher.num_labels, cfg.limit_train)
-    torch.set_num_threads(args.threads or cpu_quota())
-    with Staged(checkpoint) as staged:
-        # The student checkpoint carries the tokenizer, so it can itself be a teacher later; the
-        # task reads it from there.
-        shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
-        task = load_task(str(staged.path), max_seq_length=cfg.max_seq_length, workdir=staged.path, data=data)
-        task.teacher = str(args.teacher)
-        task.log_file = staged.path / "train_log.jsonl"
-        task.log_file.write_text("")
-        with phase("teacher dev accuracy", f"{len(task.dev):,} rows") as p:
-            teacher_accuracy = loop.layer_accuracy(teacher, task.dev)[-1]
-            p.result = f"last layer {teacher_accuracy:.4f}"
-        log.info("teacher dev accuracy (last layer): %.4f", teacher_accuracy)
+    recipe = {"method": args.method, **dataclasses.asdict(cfg), "exits": "fastbert self-distillation"}
+    runtime = start_runtime(args, checkpoint, data, recipe)
+    teacher.to(runtime.device)
+    try:
+        with Staged(checkpoint, scratch=not runtime.is_main) as staged:
+            # The student checkpoint carries the tokenizer, so it can itself be a teacher later; the
+            # task reads it from there.
+            shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
+            task = load_task(str(staged.path), max_seq_length=cfg.max_seq_length, workdir=staged.path, data=data)
+            task.teacher = str(args.teacher)
+            task.runtime = runtime
+            task.log_file = staged.path / "train_log.jsonl"
+            task.log_file.write_text("")
+            runtime.restore_log(task.log_file)
+            with phase("teacher dev accuracy", f"{len(task.dev):,} rows") as p:
+                teacher_accuracy = loop.layer_accuracy(teacher, task.dev, runtime)[-1]
+                p.result = f"last layer {teacher_accuracy:.4f}"
+            log.info("teacher dev accuracy (last layer): %.4f", teacher_accuracy)
 
-        start = time.perf_counter()
-        model = distil(args.method, teacher, task, cfg)
-        recipe = {"method": args.method, **dataclasses.asdict(cfg), "exits": "fastbert self-distillation",
-                  "teacher_dev_accuracy": teacher_accuracy}
-        accuracy = save_and_export(args, task, model, staged, cfg.max_seq_length, cfg.seed, recipe,
-                                   time.perf_counter() - start, {"teacher": str(args.teacher)})
-    print(f"dev accuracy {accuracy[-1]:.4f} at full depth, teacher {teacher_accuracy:.4f}")
+            start = time.perf_counter()
+            model = distil(args.method, teacher, task, cfg)
+            accuracy = save_and_export(args, task, model, staged, cfg.max_seq_length, cfg.seed,
+                                       {**recipe, "teacher_dev_accuracy": teacher_accuracy},
+                                       time.perf_counter() - start, {"teacher": str(args.teacher)})
+    except KeyboardInterrupt:
+        raise interrupted(runtime) from None
+    runtime.finish()
+    if runtime.is_main:
+        print(f"dev accuracy {accuracy[-1]:.4f} at full depth, teacher {teacher_accuracy:.4f}")

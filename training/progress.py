@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import Iterable, Iterator
@@ -14,9 +15,24 @@ from tqdm import tqdm
 log = logging.getLogger("offramp.train")
 
 
-def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it") -> tqdm:
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=None,
-                leave=False, mininterval=1.0, dynamic_ncols=True)
+# Where launchers put a process's rank: torchrun / accelerate launch, Open MPI, Intel MPI, MVAPICH.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def is_first_process() -> bool:
+    """Not a second, third, ... process of a distributed run (read before any is set up)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
+
+
+def shown() -> bool | None:
+    """tqdm's `disable`: bars on a terminal only (None), and only on the first process."""
+    return None if is_first_process() else True
+
+
+def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it",
+        **kwargs) -> tqdm:
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=shown(),
+                **{"leave": False, "mininterval": 1.0, "dynamic_ncols": True, **kwargs})
 
 
 class Phase:

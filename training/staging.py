@@ -59,13 +59,17 @@ class Staged:
     Leaving the block without publish() (an exception) removes the staging folder and any
     parent folder it created."""
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, scratch: bool = False):
         self.target = Path(target)
         self.path: Path | None = None
         self.published = False
-        self._created: list[Path] = []
+        self.scratch = scratch  # a private temporary folder, never published (a process that
+        self._created: list[Path] = []  # is not the main one of a distributed run writes nothing)
 
     def __enter__(self) -> Staged:
+        if self.scratch:
+            self.path = Path(tempfile.mkdtemp(prefix=f"offramp-{self.target.name}-"))
+            return self
         missing, parent = [], self.target.parent
         while not parent.exists():
             missing.append(parent)
@@ -76,12 +80,14 @@ class Staged:
         return self
 
     def publish(self) -> Path:
+        if self.scratch:
+            return self.target
         replace_folder(self.path, self.target)
         self.published = True
         return self.target
 
     def __exit__(self, *exc) -> None:
-        if self.published:
+        if self.published and not self.scratch:
             return
         if self.path is not None and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)

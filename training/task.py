@@ -12,6 +12,7 @@ from app.manifest import DataFileRecord
 from training.data import TextFile
 from training.dataset import EncodedDataset
 from training.labels import TaskData, read_task_data
+from training.runtime import Runtime
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Task:
     distill_data: EncodedDataset  # train rows plus any unlabeled text
     records: dict[str, DataFileRecord] = field(default_factory=dict)
     log_file: Path | None = None
+    runtime: Runtime | None = None  # where it trains (training/runtime.py); None: one local process
 
 
 def resolve_tokenizer(teacher: str, workdir: Path) -> Path:

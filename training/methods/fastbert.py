@@ -1,4 +1,4 @@
-"""FastBERT recipe: fine-tune backbone + teacher classifier, then self-distil the exits.
+"""FastBERT (Liu et al. 2020): fine-tune backbone + teacher classifier, then self-distil the exits.
 
 Stage 1 trains the backbone and the last layer's classifier with cross-entropy on labels.
 Stage 2 freezes both and trains every other exit with sum_i KL(p_teacher || p_exit_i); it needs
@@ -9,16 +9,34 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from training import loop
-from training.config import FastBertConfig
 from training.losses import cross_entropy, self_distillation
+from training.methods import Method
 from training.model import EarlyExitModel, load_backbone
 from training.task import Task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class FastBertConfig:
+    exit_head: str = "fastbert"
+    head_width: int = 128
+    max_seq_length: int = 128
+    batch_size: int = 32
+    epochs: float = 2.0  # stage 1 (fine-tuning); 0 skips it, with --from-checkpoint
+    lr: float = 2e-5
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    distill_epochs: float = 2.0
+    distill_lr: float = 2e-4
+    dropout: float = 0.1
+    seed: int = 42
+    limit_train: int | None = None  # use only the first N training rows (quick runs)
 
 
 def train_fastbert(task: Task, cfg: FastBertConfig, model: EarlyExitModel | None = None) -> EarlyExitModel:
@@ -48,13 +66,14 @@ def fine_tune(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
                              batch.labels)
 
     start = time.perf_counter()
-    loop.train(
+    done = loop.train(
         "stage 1: fine-tune", list(model.backbone.parameters()) + list(teacher_head.parameters()),
         model, task.train, fine_tune_loss, cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup,
-        cfg.weight_decay, cfg.seed, task.log_file,
+        cfg.weight_decay, cfg.seed, task.log_file, runtime=task.runtime,
     )
-    log.info("stage 1 done in %.0fs; teacher dev accuracy %.4f",
-             time.perf_counter() - start, loop.layer_accuracy(model, task.dev)[-1])
+    if done:  # not when a resumed run skipped it
+        log.info("stage 1 done in %.0fs; teacher dev accuracy %.4f",
+                 time.perf_counter() - start, loop.layer_accuracy(model, task.dev, task.runtime)[-1])
 
 
 def self_distil_exits(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
@@ -74,6 +93,10 @@ def self_distil_exits(model: EarlyExitModel, task: Task, cfg: FastBertConfig) ->
     if exits:
         loop.train("stage 2: self-distil exits", exits, model, task.distill_data, distil_loss,
                    cfg.distill_epochs, cfg.distill_lr, cfg.batch_size, cfg.warmup, 0.0,
-                   cfg.seed + 1, task.log_file)
+                   cfg.seed + 1, task.log_file, runtime=task.runtime)
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+METHOD = Method("fastbert", "fastbert", FastBertConfig,
+                "FastBERT: fine-tune, then self-distil an exit after every layer", train_fastbert)
