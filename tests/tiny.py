@@ -38,7 +38,8 @@ def wordpiece_tokenizer(texts: list[str], vocab_size: int = 1000) -> Tokenizer:
     return tok
 
 
-def tiny_teacher(directory: Path, texts: list[str], layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
+def tiny_teacher(directory: Path, texts: list[str], layers: int = 3, hidden: int = 32, seed: int = 0,
+                 dropout: float = 0.1) -> Path:
     """A random tiny BERT saved as a transformers folder with its tokenizer.json."""
     import torch
 
@@ -50,6 +51,7 @@ def tiny_teacher(directory: Path, texts: list[str], layers: int = 3, hidden: int
     torch.manual_seed(seed)
     model = backbone_from_config(vocab_size=tok.get_vocab_size(), hidden_size=hidden,
                                  num_hidden_layers=layers, num_attention_heads=2,
-                                 intermediate_size=hidden * 2, max_position_embeddings=128)
+                                 intermediate_size=hidden * 2, max_position_embeddings=128,
+                                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     model.save_pretrained(directory)
     return directory

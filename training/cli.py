@@ -93,6 +93,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="split each process's batch into N micro-batches, one optimiser step per batch: "
                         "the recipe's batch in 1/N of the memory")
+    g.add_argument("--log-every", type=int, default=50, metavar="N",
+                   help="optimiser steps per line of the loss log (train_log.jsonl; default 50)")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="every N optimiser steps, write a resumable state (model, optimiser, scheduler, "
                         "random states, data position) to --state-dir")
@@ -200,11 +202,13 @@ def start_runtime(args: argparse.Namespace, checkpoint: Path, data, recipe: dict
     state_dir = args.state_dir or args.resume or checkpoint.with_name(checkpoint.name + "-state")
     settings = RunSettings(
         device=args.device, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
-        save_every=args.save_every, state_dir=state_dir, resume=args.resume,
+        save_every=args.save_every, log_every=args.log_every, state_dir=state_dir, resume=args.resume,
         fingerprint=fingerprint_of({"recipe": recipe, **files, "teacher": str(args.teacher),
                                     "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum}))
     if args.save_every < 0:
         raise CommandError(f"--save-every {args.save_every}: must be 0 (never) or more")
+    if args.log_every < 1:
+        raise CommandError(f"--log-every {args.log_every}: must be 1 or more")
     runtime = Runtime(settings)
     torch.set_num_threads(args.threads or max(1, cpu_quota() // runtime.local_world_size))
     if runtime.world_size > 1:

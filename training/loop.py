@@ -20,7 +20,6 @@ from training.model import EarlyExitModel
 from training.progress import bar
 from training.runtime import RANK_SEED_STRIDE, Runtime, default_runtime
 
-LOG_EVERY = 50
 log = logging.getLogger("offramp.train")
 
 
@@ -85,7 +84,7 @@ def train(
 ) -> list[float]:
     """AdamW with linear warm-up and decay over `epochs` (fractions allowed) of `dataset`, in
     global batches of `batch_size` rows per process. Returns the (global) loss of every step;
-    every LOG_EVERY steps the mean goes to `log_file`. Run by every process of a distributed
+    every `log_every` steps (the runtime's setting) the mean goes to `log_file`. Run by every process of a distributed
     run alike; resumes from the runtime's saved state when that was taken in this phase."""
     runtime = runtime or default_runtime()
     params = [p for p in params if p.requires_grad]
@@ -121,7 +120,7 @@ def train(
                     position.step, position.batch = position.step + 1, i + 1
                     runtime.global_step += 1
                     progress.update()
-                    if position.step % LOG_EVERY == 0 or position.step == total:
+                    if position.step % runtime.settings.log_every == 0 or position.step == total:
                         _log_losses(runtime, name, position, losses, schedule, log_file, progress)
                     if runtime.due() and position.step < total:
                         runtime.save(position, log_file)
@@ -132,8 +131,9 @@ def train(
         accelerator.free_memory()
     losses = runtime.sum(losses)  # every process's contributions: the global batches' losses
     model.eval()
+    window = runtime.settings.log_every
     log.info("%s: done in %.1fs (last %d steps' mean loss %.4f)", name, time.perf_counter() - start,
-             min(LOG_EVERY, len(losses)), float(np.mean(losses[-LOG_EVERY:])))
+             min(window, len(losses)), float(np.mean(losses[-window:])))
     return losses
 
 
@@ -168,8 +168,8 @@ def _step(runtime: Runtime, wrapped, optimizer, schedule, params, batch: Batch, 
 
 
 def _log_losses(runtime: Runtime, name: str, position, losses: list[float], schedule, log_file, progress) -> None:
-    """The global mean loss of the last LOG_EVERY steps: on the bar, and a line in log_file."""
-    recent = runtime.sum([float(np.mean(losses[-LOG_EVERY:]))])[0]
+    """The global mean loss of the last `log_every` steps: on the bar, and a line in log_file."""
+    recent = runtime.sum([float(np.mean(losses[-runtime.settings.log_every:]))])[0]
     progress.set_postfix(loss=f"{recent:.4f}")
     if log_file is not None and runtime.is_main:
         with open(log_file, "a") as f:

@@ -41,6 +41,7 @@ class RunSettings:
     mixed_precision: str = "no"
     grad_accum: int = 1
     save_every: int = 0  # optimiser steps between resumable states; 0: none
+    log_every: int = 50  # optimiser steps per line of the loss log
     state_dir: Path | None = None
     resume: Path | None = None
     fingerprint: dict = field(default_factory=dict)  # what a resumed run must share with the saved one
@@ -249,8 +250,10 @@ class Runtime:
     def finish(self) -> None:
         """The run is complete: its resumable state is of no more use."""
         self.accelerator.wait_for_everyone()
-        if self.is_main and self.settings.save_every and self.settings.state_dir:
-            for folder in (self.state_dir, self.state_dir.with_name(self.state_dir.name + ".saving")):
+        written = [self.state_dir] if self.settings.save_every and self.settings.state_dir else []
+        resumed = [Path(self.settings.resume)] if self.settings.resume else []
+        if self.is_main:
+            for folder in {f for state in written + resumed for f in (state, state.with_name(state.name + ".saving"))}:
                 if folder.exists():
                     shutil.rmtree(folder, ignore_errors=True)
                     log.info("run complete: removed its resumable state %s", folder)
