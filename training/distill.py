@@ -29,6 +29,15 @@ from training.students import (  # noqa: F401
     parse_layer_map, principal_directions, student_like_teacher, uniform_layer_map, with_heads)
 from training.teacher import TeacherCache, find_tokenizer, load_teacher  # noqa: F401
 
+__all__ = [
+    "distil", "add_exits",
+    "distil_distilbert", "distil_pkd", "pkd_layer_map", "distil_tinybert", "tinybert_student", "augmented_dataset",
+    "distil_mobilebert", "mobilebert_student", "transfer_stage",
+    "alternate_layers", "attention_scores", "classifier_params", "embeddings_from_teacher", "last_logits",
+    "layer_states", "parse_layer_map", "principal_directions", "student_like_teacher", "uniform_layer_map",
+    "with_heads", "TeacherCache", "find_tokenizer", "load_teacher",
+]
+
 
 def add_exits(student: EarlyExitModel, task: Task, cfg: DistillConfig) -> None:
     """FastBERT stage 2 on the student: its exits learn from its own (frozen) last classifier."""

@@ -110,7 +110,8 @@ def run_distill(args: argparse.Namespace) -> None:
         raise CommandError(f"--checkpoint {checkpoint} is the teacher's folder: the student would overwrite it")
 
     from training import loop
-    from training.cli import interrupted, save_and_export, start_runtime
+    from training.cli import interrupted, start_runtime
+    from training.publish import save_and_export
     from training.distill import distil
     from training.progress import phase
     from training.staging import Staged

@@ -121,7 +121,8 @@ def train(
                     runtime.global_step += 1
                     progress.update()
                     if position.step % runtime.settings.log_every == 0 or position.step == total:
-                        _log_losses(runtime, name, position, losses, schedule, log_file, progress)
+                        _log_losses(runtime, name, position, losses, schedule, log_file, progress,
+                                    time.perf_counter() - start)
                     if runtime.due() and position.step < total:
                         runtime.save(position, log_file)
                     if position.step >= total:
@@ -167,14 +168,16 @@ def _step(runtime: Runtime, wrapped, optimizer, schedule, params, batch: Batch, 
     return contribution
 
 
-def _log_losses(runtime: Runtime, name: str, position, losses: list[float], schedule, log_file, progress) -> None:
+def _log_losses(runtime: Runtime, name: str, position, losses: list[float], schedule, log_file, progress,
+                elapsed_s: float) -> None:
     """The global mean loss of the last `log_every` steps: on the bar, and a line in log_file."""
     recent = runtime.sum([float(np.mean(losses[-runtime.settings.log_every:]))])[0]
     progress.set_postfix(loss=f"{recent:.4f}")
     if log_file is not None and runtime.is_main:
         with open(log_file, "a") as f:
             f.write(json.dumps({"stage": name, "step": position.step, "epoch": position.epoch,
-                                "loss": recent, "lr": schedule.get_last_lr()[0]}) + "\n")
+                                "loss": recent, "lr": schedule.get_last_lr()[0],
+                                "elapsed_s": round(elapsed_s, 3)}) + "\n")
 
 
 @torch.no_grad()

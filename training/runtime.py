@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,10 @@ class Runtime:
     def save(self, position: PhasePosition, log_file: Path | None) -> Path:
         """Write the resumable state: into a fresh folder, then renamed over the last one, so
         an interruption while saving leaves the previous state whole."""
+        with _signals_held():
+            return self._save(position, log_file)
+
+    def _save(self, position: PhasePosition, log_file: Path | None) -> Path:
         target = self.state_dir
         staging = target.with_name(target.name + ".saving")
         if self.is_main and staging.exists():
@@ -248,8 +253,9 @@ class Runtime:
                 shutil.copyfile(saved, log_file)
 
     def finish(self) -> None:
-        """The run is complete: its resumable state is of no more use."""
-        self.accelerator.wait_for_everyone()
+        """The run is complete: its resumable state is of no more use. No barrier: the other
+        processes end while the main one still exports (a barrier would time out on a long
+        calibration)."""
         written = [self.state_dir] if self.settings.save_every and self.settings.state_dir else []
         resumed = [Path(self.settings.resume)] if self.settings.resume else []
         if self.is_main:
@@ -261,6 +267,20 @@ class Runtime:
     def scratch_dir(self) -> contextlib.AbstractContextManager[str]:
         """A private folder for a process that writes nothing that lasts (not the main one)."""
         return tempfile.TemporaryDirectory(prefix=f"offramp-rank{self.rank}-")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the state is written and renamed into place."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _accelerator_here() -> bool:

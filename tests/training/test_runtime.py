@@ -176,3 +176,34 @@ def test_a_device_that_is_not_here_is_one_line(data_and_teacher, capsys):
     assert refused.value.code == 2
     assert "offramp: error: --device cuda: no CUDA device is visible" in capsys.readouterr().err
     assert not (work / "runs" / "nocuda").exists()
+
+
+def test_sigterm_stops_a_run_cleanly_and_says_how_to_resume(data_and_teacher):
+    """What Kubernetes does to an evicted pod: the run stops with its last state kept, no
+    half-written checkpoint or bundle, and a line saying how to resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    work, train, dev, teacher = data_and_teacher
+    state = work / "states" / "term"
+    args = _command(work, train, dev, teacher, "term", "--save-every", "5", "--state-dir", str(state))
+    args[args.index("--epochs") + 1] = "200"  # long enough to be stopped half-way
+    offramp = Path(sys.executable).parent / "offramp"
+    run = subprocess.Popen([str(offramp), *args], stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (state / "offramp_state.json").is_file():
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no resumable state within 2 minutes"
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 2, err[-2000:]
+    assert f"offramp: error: interrupted at run step" in err and f"--resume {state}" in err
+    assert json.loads((state / "offramp_state.json").read_text())["global_step"] % 5 == 0
+    leftovers = [p.name for p in (work / "runs").iterdir() if "term" in p.name]
+    assert leftovers == [] and not (work / "models" / "term").exists()
