@@ -91,12 +91,25 @@ def test_two_processes_x_batch_b_track_one_process_x_batch_2b(work):
     _assert_tracks(_losses(work, "two"), _one_process_reference(work))
 
 
-def test_a_distillation_method_under_two_processes(work):
+# Each method's smallest settings (their phases, augmentation and teacher caches all run).
+DISTILL = {
+    "distilbert": ["--student-layers", "1"],
+    "pkd-skip": ["--student-layers", "1"],
+    "pkd-last": ["--student-layers", "1"],
+    "tinybert": ["--student-layers", "1", "--student-hidden", "8", "--aug-copies", "1", "--general-epochs", "1",
+                 "--intermediate-epochs", "1"],
+    "mobilebert": ["--student-hidden", "8", "--stage-epochs", "1"],
+}
+
+
+@pytest.mark.parametrize("method", list(DISTILL))
+def test_every_distillation_method_under_two_processes(work, method):
     _one_process_reference(work)
-    out = _run(work, _torchrun(29612), ["train", "distill", "--method", "pkd-skip", "--teacher",
-                                        str(work / "runs" / "one"), "--student-layers", "1", "--epochs", "1",
-                                        "--exit-epochs", "1", "--lr", "1e-3"], "pkd", "--batch-size", "8")
-    _check_one_output(work, "pkd", out, 2)
+    port = 29620 + list(DISTILL).index(method)
+    out = _run(work, _torchrun(port), ["train", "distill", "--method", method, "--teacher", str(work / "runs" / "one"),
+                                       "--epochs", "1", "--exit-epochs", "1", "--lr", "1e-3", *DISTILL[method]],
+               method, "--batch-size", "8")
+    _check_one_output(work, method, out, 2)
     assert out.stdout.count("dev accuracy") == 1
 
 
