@@ -1,6 +1,6 @@
 """Where a run trains, through Hugging Face Accelerate: one process on the CPU, a CUDA GPU or
-Apple silicon, or many processes started by `accelerate launch` / `torchrun` (DDP; FSDP or
-DeepSpeed when Accelerate's own config asks for them).
+Apple silicon, or many processes started by `accelerate launch` / `torchrun` (DDP: NCCL on
+GPUs, gloo on CPUs). FSDP and DeepSpeed configs are refused, not yet supported.
 
 Every process runs the same recipe. They share the data order and the initial weights (DDP also
 broadcasts rank 0's at the start of each phase); each step's global batch is split between them
@@ -33,6 +33,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STATE_FILE = "offramp_state.json"
 STATE_LOG = "train_log.jsonl"
+# Accelerate modes whose sharded parameters the recipes cannot use (see Runtime.__init__).
+UNSUPPORTED_DISTRIBUTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
 RANK_SEED_STRIDE = 1000  # rank r > 0 reseeds dropout with phase seed + r * RANK_SEED_STRIDE
 
 
@@ -91,6 +93,11 @@ class Runtime:
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
         except (ValueError, RuntimeError) as e:  # e.g. fp16 where the device has none
             raise CommandError(f"--mixed-precision {settings.mixed_precision} on {settings.device}: {e}") from None
+        kind = str(self.accelerator.distributed_type).split(".")[-1]
+        if kind in UNSUPPORTED_DISTRIBUTED:
+            raise CommandError(f"Accelerate's config asks for {kind}: offramp trains data-parallel (DDP) only so "
+                               f"far, since its recipes run parts of a model outside its forward, which "
+                               f"{kind}'s sharding does not allow; launch with a multi-GPU config without it")
         if settings.device not in ("auto", self.device.type):
             raise CommandError(f"--device {settings.device}: the launcher put this process on "
                                f"{self.device.type}; drop --device or launch without --cpu")

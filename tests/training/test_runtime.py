@@ -207,3 +207,20 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_resume(data_and_teacher):
     assert json.loads((state / "offramp_state.json").read_text())["global_step"] % 5 == 0
     leftovers = [p.name for p in (work / "runs").iterdir() if "term" in p.name]
     assert leftovers == [] and not (work / "models" / "term").exists()
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_an_accelerate_config_asking_for_sharding_is_refused(monkeypatch, kind):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from training.errors import CommandError
+
+    class Sharded:  # what Accelerate would be under `accelerate launch --config_file fsdp.yaml`
+        def __init__(self, **kwargs):
+            self.distributed_type = getattr(DistributedType, kind)
+            self.device = torch.device("cpu")
+
+    monkeypatch.setattr(accelerate, "Accelerator", Sharded)
+    with pytest.raises(CommandError, match=f"asks for {kind}: offramp trains data-parallel"):
+        Runtime(RunSettings())
