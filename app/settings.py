@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first row of a batch waits for company")
     max_queue_rows: int = Field(2048, ge=1, description="rows waiting per model; beyond: 429 with Retry-After")
     overload_hold_ms: float = Field(
-        200.0, ge=0, description="a 429 is answered after this pause, so clients that retry at once cannot spin the server")
+        1000.0, ge=0, description="a 429 is answered after this pause, so clients that retry at once cannot spin the server")
     default_timeout_ms: float | None = Field(None, gt=0, description="deadline of requests that set no timeout_ms")
     # limits
     max_inputs: int = Field(256, ge=1, description="texts per request (413 beyond)")
