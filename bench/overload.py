@@ -356,7 +356,9 @@ def overload(models: Path, data: Path | list[str], clients: int = 64, rows: int 
                    "normal_clients": normal_clients, "normal_seconds": normal_seconds, "text_chars": text_chars,
                    "body_bytes": body_bytes, "server_max_body_bytes": limit,
                    "honour_retry_after": honour_retry_after, "probe_ms": probe_ms, "timeout_s": timeout_s,
-                   "seed": seed, "server_settings": settings},
+                   "seed": seed, "server_settings": settings,
+                   # what the server also took from this environment (e.g. OFFRAMP_OVERLOAD_HOLD_MS)
+                   "server_environment": {k: v for k, v in os.environ.items() if k.startswith("OFFRAMP_")}},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_average_at_start": load_at_start},
         "phases": phases, "summary": summarize(phases, died),
