@@ -17,3 +17,8 @@ class OutputError(CommandError, ValueError):
 
 class QuantizationRefused(CommandError, RuntimeError):
     """The int8 bundle fails the accuracy gate: a verdict on the model, not a bug."""
+
+
+class RecipeError(CommandError, ValueError):
+    """A method's settings that cannot be trained (an option it does not have, a shape that
+    does not fit): raised by the recipe once the task is known."""

@@ -76,16 +76,21 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 def export_graphs(model: EarlyExitModel, out_dir: Path) -> Graphs:
     model.eval()
-    rows, tokens, hidden = 2, 8, model.config.hidden_size
+    rows, tokens = 2, 8
     ids = torch.ones(rows, tokens, dtype=torch.long)
     mask = torch.ones(rows, tokens, dtype=torch.long)
     with torch.no_grad(), progress.bar(total=1 + model.num_layers, desc="ONNX export", unit="graph") as bar:
         _export(_Embeddings(model), (ids, torch.zeros_like(ids)), out_dir / EMBEDDINGS_FILE,
                 ["input_ids", "token_type_ids"], ["hidden"])
         bar.update()
+        # Each layer is traced on an input as wide as what reaches it (a BiLSTM's embeddings
+        # need not be as wide as its output).
+        hidden = model.embed(ids, mask, torch.zeros_like(ids))
         for index in range(model.num_layers):
-            _export(_LayerWithExit(model, index), (torch.randn(rows, tokens, hidden), mask),
+            example = torch.randn_like(hidden)
+            _export(_LayerWithExit(model, index), (example, mask),
                     out_dir / layer_file(index), ["hidden", "attention_mask"], ["hidden_out", "logits"])
+            hidden = model.run_layer(index, example, mask)
             bar.update()
     return Graphs(embeddings=EMBEDDINGS_FILE,
                   layers=[layer_file(i) for i in range(model.num_layers)])

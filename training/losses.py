@@ -39,6 +39,12 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return temperature ** 2 * kl_to_teacher(teacher_logits.detach(), student_logits, temperature)
 
 
+def logit_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Tang et al.: ||z_s - z_t||^2 on the logits themselves (not softened probabilities),
+    averaged over rows."""
+    return (student_logits - teacher_logits).pow(2).sum(-1).mean()
+
+
 def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                        temperature: float = 1.0) -> torch.Tensor:
     """TinyBERT prediction loss -sum_c softmax(t/T)_c * log_softmax(s/T)_c, mean over rows."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-EXIT_HEADS = ("fastbert", "pooled")
+EXIT_HEADS = ("fastbert", "pooled", "maxpool")
 CHECKPOINT_META = "early_exit.json"
 HEADS_FILE = "heads.pt"
 
@@ -67,11 +67,27 @@ class PooledHead(nn.Module):
         return self.out(torch.tanh(self.dense(masked_mean(hidden, attention_mask))))
 
 
+class MaxPoolHead(nn.Module):
+    """Tang et al.'s classifier: the max over the row's own positions, then a ReLU MLP."""
+
+    def __init__(self, hidden_size: int, num_labels: int, width: int = 128):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, width)
+        self.out = nn.Linear(width, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        padding = (attention_mask[..., None] == 0)
+        pooled = hidden.masked_fill(padding, torch.finfo(hidden.dtype).min).max(dim=1).values
+        return self.out(torch.relu(self.dense(pooled)))
+
+
 def make_head(kind: str, hidden_size: int, num_labels: int, width: int) -> nn.Module:
     if kind == "fastbert":
         return FastBertHead(hidden_size, num_labels, width)
     if kind == "pooled":
         return PooledHead(hidden_size, num_labels, width)
+    if kind == "maxpool":
+        return MaxPoolHead(hidden_size, num_labels, width)
     raise ValueError(f"exit head must be one of {EXIT_HEADS}, not {kind!r}")
 
 
@@ -150,6 +166,10 @@ class EarlyExitModel(nn.Module):
             from training.mobilebert import MobileBertBackbone
 
             backbone = MobileBertBackbone.from_pretrained(directory)
+        elif meta.get("backbone_kind") == "bilstm":
+            from training.bilstm import BiLstmBackbone
+
+            backbone = BiLstmBackbone.from_pretrained(directory)
         else:
             backbone = load_backbone(directory)
         model = cls(backbone, meta["num_labels"], meta["exit_head"],

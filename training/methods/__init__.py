@@ -19,10 +19,10 @@ class Method:
     run: Callable  # distill: (teacher, task, cfg) -> student whose last classifier is trained
 
 
-from training.methods import distilbert, fastbert, mobilebert, pkd, tinybert  # noqa: E402
+from training.methods import bilstm, distilbert, fastbert, mobilebert, pkd, tinybert  # noqa: E402
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    fastbert.METHOD, distilbert.METHOD, *pkd.METHODS, tinybert.METHOD, mobilebert.METHOD)}
+    fastbert.METHOD, distilbert.METHOD, *pkd.METHODS, tinybert.METHOD, mobilebert.METHOD, bilstm.METHOD)}
 
 
 def distill_methods() -> dict[str, Method]:

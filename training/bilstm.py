@@ -1,0 +1,100 @@
+"""A one-layer BiLSTM over word embeddings (Tang et al., 2019), shaped like the encoders
+EarlyExitModel runs: `.embeddings(input_ids=..., token_type_ids=...)`, `.encoder.layer[0](hidden,
+additive_mask)`, `.config`, save_pretrained / from_pretrained. With the max-pool + ReLU MLP head
+(training/model.py, head "maxpool") it exports to the same bundle as every student: one exit.
+
+Padding never changes a row's answer: the forward direction reads a row left to right, so the
+padding after it comes last; the backward direction reverses each row within its own length
+before its LSTM (a gather, which ONNX has) and back after; the head's max-pool skips padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "bilstm_config.json"
+WEIGHTS_FILE = "bilstm.safetensors"
+
+
+@dataclass
+class BiLstmConfig:
+    vocab_size: int
+    embedding_size: int = 300
+    lstm_size: int = 150  # per direction: the layer's output is 2 x lstm_size wide
+    pad_token_id: int = 0
+    num_hidden_layers: int = 1
+
+    @property
+    def hidden_size(self) -> int:  # the width the exit head reads
+        return 2 * self.lstm_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class WordEmbeddings(nn.Module):
+    def __init__(self, cfg: BiLstmConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.embedding_size, padding_idx=cfg.pad_token_id)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each row's first lengths[r] steps in reverse order, its padding left where it is."""
+    steps = torch.arange(x.size(1), device=x.device)[None, :]
+    index = torch.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.size(2)))
+
+
+class BiLstmLayer(nn.Module):
+    def __init__(self, cfg: BiLstmConfig):
+        super().__init__()
+        self.forward_lstm = nn.LSTM(cfg.embedding_size, cfg.lstm_size, batch_first=True)
+        self.backward_lstm = nn.LSTM(cfg.embedding_size, cfg.lstm_size, batch_first=True)
+
+    def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        lengths = (additive_mask[:, 0, 0, :] == 0).sum(-1)  # [rows]: the mask's 0s are the tokens
+        ahead, _ = self.forward_lstm(hidden)
+        behind, _ = self.backward_lstm(reverse_within_lengths(hidden, lengths))
+        return torch.cat([ahead, reverse_within_lengths(behind, lengths)], dim=-1)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: BiLstmConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BiLstmLayer(cfg)])
+
+
+class BiLstmBackbone(nn.Module):
+    backbone_kind = "bilstm"  # recorded in the checkpoint so EarlyExitModel.load finds us
+
+    def __init__(self, config: BiLstmConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = WordEmbeddings(config)
+        self.encoder = _Encoder(config)
+
+    def save_pretrained(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: Path) -> BiLstmBackbone:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        model = cls(BiLstmConfig(**json.loads((directory / CONFIG_FILE).read_text())))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        return model

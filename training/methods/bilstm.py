@@ -1,0 +1,162 @@
+"""Distilling BERT into a BiLSTM (Tang et al. 2019): a one-layer BiLSTM over word embeddings,
+max-pooled, with a ReLU MLP classifier (training/bilstm.py), trained on
+a * CE(labels) + (1 - a) * ||z_student - z_teacher||^2, the teacher's logits themselves.
+
+Words, not wordpieces: a word-level vocabulary is built from the training text and written as a
+`tokenizers` JSON (BERT's normaliser and pre-tokeniser, a WordLevel model), so the bundle is
+tokenised by `tokenizers` alone like every other. It replaces the teacher's tokenizer in the
+student's checkpoint and bundle. No word2vec is reachable here: word vectors start as the mean of
+the teacher's input embeddings of each word's wordpieces, through the teacher embedding table's
+top principal directions where the student is narrower (`embedding_init = "random"` to compare).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from app.encoding import TextEncoder
+from training import loop
+from training.bilstm import BiLstmBackbone, BiLstmConfig
+from training.config import DistillConfig
+from training.dataset import Batch, EncodedDataset, model_input
+from training.errors import RecipeError
+from training.losses import cross_entropy, logit_mse
+from training.methods import Method
+from training.model import EarlyExitModel
+from training.students import principal_directions
+from training.task import Task
+from training.teacher import TeacherCache
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[MASK]"]  # [PAD] is id 0; [MASK] is the masking rule's
+
+
+@dataclass
+class BiLstmDistillConfig(DistillConfig):
+    """Student: embedding_size-wide word vectors, lstm_size units per direction, a head_width
+    ReLU layer (300 / 150 / 200 as in the paper for SST-2). alpha weighs the label term: 0 keeps
+    the distillation term alone (augmented rows have no labels). AdamW through the shared loop
+    (the paper used Adadelta)."""
+    embedding_size: int = 300
+    lstm_size: int = 150
+    head_width: int = 200
+    exit_head: str = "maxpool"
+    exit_epochs: float = 0.0  # one layer: no exits below it to self-distil
+    alpha: float = 0.0
+    epochs: float = 10.0
+    lr: float = 1e-3
+    batch_size: int = 50
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    dropout: float = 0.1
+    min_word_count: int = 1  # words seen fewer times in the training text are [UNK]
+    max_vocab: int = 100_000
+    embedding_init: str = "teacher"  # "teacher" (mean of wordpiece vectors) or "random"
+
+
+def word_tokenizer(texts: Iterable[str], min_count: int = 1, max_vocab: int = 100_000) -> Tokenizer:
+    """A WordLevel tokenizer over the words of `texts`, lower-cased and split like BERT's."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, min_frequency=min_count,
+                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+@torch.no_grad()
+def embeddings_from_wordpieces(words: Tokenizer, wordpieces: Tokenizer, table: torch.Tensor,
+                               width: int, seed: int) -> torch.Tensor:
+    """[vocabulary, width]: each word's vector the mean of its wordpieces' rows of the teacher's
+    input embedding `table`, mapped to `width` by the table's top principal directions (or, if
+    the student is wider, the mean in the first columns and small random values after)."""
+    table = table.detach().float().cpu()
+    vocab = words.get_vocab()
+    means = torch.zeros(len(vocab), table.size(1))
+    for word, index in vocab.items():
+        if word == "[PAD]":
+            continue
+        if word in ("[UNK]", "[MASK]"):
+            piece = wordpieces.token_to_id(word)
+            means[index] = table[piece] if piece is not None else table.mean(0)
+            continue
+        ids = wordpieces.encode(word, add_special_tokens=False).ids
+        means[index] = table[ids].mean(0) if ids else table.mean(0)
+    if width <= table.size(1):
+        vectors = means @ principal_directions(table, width)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        vectors = torch.cat([means, torch.randn(len(vocab), width - table.size(1), generator=generator) * 0.02], 1)
+    vectors[vocab["[PAD]"]] = 0  # as nn.Embedding keeps its padding row
+    return vectors
+
+
+def bilstm_student(teacher: EarlyExitModel, vocab_size: int, cfg: BiLstmDistillConfig) -> EarlyExitModel:
+    backbone = BiLstmBackbone(BiLstmConfig(vocab_size=vocab_size, embedding_size=cfg.embedding_size,
+                                           lstm_size=cfg.lstm_size))
+    return EarlyExitModel(backbone, teacher.num_labels, "maxpool", cfg.head_width, cfg.dropout,
+                          teacher_head="maxpool")
+
+
+def to_words(task: Task, tokenizer: Tokenizer, cfg: BiLstmDistillConfig) -> None:
+    """The task's data re-encoded in words (same rows, same order: cached teacher outputs still
+    line up by index); the word tokenizer becomes the task's, so the checkpoint and the bundle
+    carry it."""
+    tokenizer.save(str(task.tokenizer_file))
+    encoder = TextEncoder(tokenizer, cfg.max_seq_length)
+    labels = task.source_labels
+    task.train = EncodedDataset(task.train.examples, encoder, labels)
+    task.dev = EncodedDataset(task.dev.examples, encoder, labels)
+    task.distill_data = EncodedDataset(task.distill_data.examples, encoder, labels)
+    task.encoder = encoder
+
+
+def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig) -> EarlyExitModel:
+    if task.text_pair:
+        raise RecipeError("bilstm: sentence pairs (the siamese student) are not supported yet; "
+                         "train it on a single-text task")
+    for name in ("student_layers", "student_hidden", "layer_map"):
+        if getattr(cfg, name) is not None:
+            raise RecipeError(f"bilstm: --{name.replace('_', '-')} is not an option of this student (its size is "
+                             f"--embedding-size and --lstm-size)")
+    if cfg.exit_head != "maxpool":
+        raise RecipeError(f"bilstm: its classifier is the max-pool head, not {cfg.exit_head!r}")
+    if cfg.embedding_init not in ("teacher", "random"):
+        raise RecipeError(f"embedding_init must be 'teacher' or 'random', not {cfg.embedding_init!r}")
+    torch.manual_seed(cfg.seed)
+    cache = TeacherCache(teacher, task.train)  # in the teacher's wordpieces, before the switch
+    wordpieces = task.encoder.tokenizer
+    texts = [model_input(e) for e in task.distill_data.examples]
+    words = word_tokenizer(texts, cfg.min_word_count, cfg.max_vocab)
+    to_words(task, words, cfg)
+    student = bilstm_student(teacher, words.get_vocab_size(), cfg)
+    log.info("bilstm: %s words (min count %d), %d-wide vectors, %d x 2 LSTM units, %s parameters",
+             f"{words.get_vocab_size():,}", cfg.min_word_count, cfg.embedding_size, cfg.lstm_size,
+             f"{sum(p.numel() for p in student.parameters()):,}")
+    if cfg.embedding_init == "teacher":
+        vectors = embeddings_from_wordpieces(words, wordpieces, teacher.backbone.embeddings.word_embeddings.weight,
+                                             cfg.embedding_size, cfg.seed)
+        with torch.no_grad():
+            student.backbone.embeddings.word_embeddings.weight.copy_(vectors)
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        states = student.hidden_states(*batch.inputs())
+        logits = student.exit_logits(0, states[-1], batch.attention_mask)
+        loss = (1 - cfg.alpha) * logit_mse(cache.logits[batch.index], logits)
+        if cfg.alpha:
+            loss = loss + cfg.alpha * cross_entropy(logits, batch.labels)
+        return loss
+
+    loop.train_phase("bilstm", list(student.parameters()), student, task.train, loss_fn, cfg.epochs, cfg.lr, cfg, task)
+    return student
+
+
+METHOD = Method("bilstm", "distill", BiLstmDistillConfig,
+                "BiLSTM (Tang et al.): word-level one-layer BiLSTM on the teacher's logits (MSE)", distil_bilstm)
