@@ -111,7 +111,8 @@ def test_a_bilstm_distilled_end_to_end_serves_in_words(tiny_bundle, tmp_path):
     main(["train", "distill", "--method", "bilstm", "--teacher", str(tiny_bundle["checkpoint"]),
           "--train", str(tiny_bundle["train"]), "--dev", str(tiny_bundle["dev"]), "--out", str(out),
           "--checkpoint", str(ckpt), "--epochs", "2", "--embedding-size", "24", "--lstm-size", "12",
-          "--head-width", "16", "--batch-size", "16", "--threads", "2"])
+          "--head-width", "16", "--batch-size", "16", "--threads", "2", "--aug-copies", "2",
+          "--cache-dir", str(tmp_path / "cache")])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_layers"] == 1 and manifest["exit_head"] == "maxpool"
     assert manifest["verification"]["passed"]
@@ -119,6 +120,7 @@ def test_a_bilstm_distilled_end_to_end_serves_in_words(tiny_bundle, tmp_path):
     assert (ckpt / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
     student, meta = EarlyExitModel.load(ckpt)
     assert meta["backbone_kind"] == "bilstm" and meta["recipe"]["method"] == "bilstm"
+    assert len(list((tmp_path / "cache").glob("bilstm-augmented-*.npz"))) == 1  # built once, kept
     # The served bundle answers as the PyTorch checkpoint does, through the real engine.
     model = load_model(out)
     texts = [e.text for e in read_examples(tiny_bundle["dev"]).examples][:16]

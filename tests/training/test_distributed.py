@@ -99,7 +99,7 @@ DISTILL = {
     "tinybert": ["--student-layers", "1", "--student-hidden", "8", "--aug-copies", "1", "--general-epochs", "1",
                  "--intermediate-epochs", "1"],
     "mobilebert": ["--student-hidden", "8", "--stage-epochs", "1"],
-    "bilstm": ["--embedding-size", "16", "--lstm-size", "8", "--head-width", "8"],
+    "bilstm": ["--embedding-size", "16", "--lstm-size", "8", "--head-width", "8", "--aug-copies", "1"],
 }
 
 

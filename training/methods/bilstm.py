@@ -12,17 +12,26 @@ top principal directions where the student is narrower (`embedding_init = "rando
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from app.encoding import TextEncoder
-from training import loop
+from training import loop, progress
 from training.bilstm import BiLstmBackbone, BiLstmConfig
 from training.config import DistillConfig
+from training.data import Example
 from training.dataset import Batch, EncodedDataset, model_input
 from training.errors import RecipeError
 from training.losses import cross_entropy, logit_mse
@@ -30,7 +39,7 @@ from training.methods import Method
 from training.model import EarlyExitModel
 from training.students import principal_directions
 from training.task import Task
-from training.teacher import TeacherCache
+from training.word_augment import Rules, augment, load_tagger, split, tag
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,12 @@ class BiLstmDistillConfig(DistillConfig):
     min_word_count: int = 1  # words seen fewer times in the training text are [UNK]
     max_vocab: int = 100_000
     embedding_init: str = "teacher"  # "teacher" (mean of wordpiece vectors) or "random"
+    # Augmentation (training/word_augment.py): n_iter tries per example; each rule off at 0.
+    aug_copies: int = 20
+    aug_mask: float = 0.1
+    aug_pos: float = 0.1
+    aug_ngram: float = 0.25
+    cache_dir: str = "runs/cache"  # the augmented, teacher-labelled set, built once per setting
 
 
 def word_tokenizer(texts: Iterable[str], min_count: int = 1, max_vocab: int = 100_000) -> Tokenizer:
@@ -118,6 +133,72 @@ def to_words(task: Task, tokenizer: Tokenizer, cfg: BiLstmDistillConfig) -> None
     task.encoder = encoder
 
 
+def augmented_and_labelled(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig):
+    """(the training examples followed by their augmented copies, the teacher's logits for
+    every one of them [rows, classes]) from the cache, or built and cached."""
+    rules = Rules(cfg.aug_mask, cfg.aug_pos, cfg.aug_ngram)
+    originals = list(task.train.examples)
+    copies = cfg.aug_copies if rules.names() else 0
+    key = _cache_key(teacher, originals, rules, copies, cfg.seed)
+    path = Path(cfg.cache_dir) / f"bilstm-augmented-{key}.npz"
+    if path.is_file():
+        saved = np.load(path, allow_pickle=False)
+        log.info("bilstm: augmented set from the cache %s: %s rows", path, f"{len(saved['logits']):,}")
+        extra = [Example(text=str(t)) for t in saved["texts"]]
+        return originals + extra, saved["logits"]
+    texts = [e.text for e in originals]
+    extra: list[Example] = []
+    if copies:
+        with progress.phase("augmentation", f"{len(texts):,} rows x {copies} tries, rules {', '.join(rules.names())}") as p:
+            sentences = tag(texts, load_tagger()) if rules.p_pos > 0 else split(texts)
+            extra = [Example(text=t) for _, t in augment(sentences, rules, copies, cfg.seed)]
+            p.result = f"{len(extra):,} new rows"
+    with progress.phase("teacher logits (ONNX)", f"{len(originals) + len(extra):,} rows"):
+        logits = onnx_teacher_logits(teacher, task.encoder, texts + [e.text for e in extra])
+    if task.runtime is None or task.runtime.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, texts=np.array([e.text for e in extra], dtype=str), logits=logits)
+        partial.rename(path)
+        log.info("bilstm: augmented set cached in %s", path)
+    return originals + extra, logits
+
+
+def _cache_key(teacher: EarlyExitModel, examples, rules: Rules, copies: int, seed: int) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(e.text.encode() + b"\0")
+    with torch.no_grad():  # the teacher's weights, cheaply: any change moves these sums
+        checksum = [float(p.double().sum()) for p in teacher.parameters()]
+    digest.update(json.dumps([dataclasses.asdict(rules), copies, seed, checksum]).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def onnx_teacher_logits(teacher: EarlyExitModel, encoder: TextEncoder, texts: list[str],
+                        batch_size: int = 64) -> np.ndarray:
+    """The teacher's last-layer logits through its ONNX export and the serving engine: the
+    fast path for the many augmented rows."""
+    from app.engine import Engine
+    from app.manifest import Graphs, Manifest
+    from training.export import export_graphs
+
+    with tempfile.TemporaryDirectory(prefix="offramp-teacher-") as folder:
+        teacher_cpu = copy.deepcopy(teacher).cpu().eval()
+        graphs = export_graphs(teacher_cpu, Path(folder))
+        manifest = Manifest.model_construct(graphs=Graphs(embeddings=graphs.embeddings, layers=graphs.layers),
+                                            num_layers=teacher_cpu.num_layers, labels=[])
+        engine = Engine(Path(folder), manifest)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = encoder.encode(texts[start:start + batch_size])
+            hidden = engine.embed(batch)
+            for index in range(engine.num_layers):
+                hidden, logits = engine.layer(index, hidden, batch.attention_mask)
+            out.append(logits)
+    return np.concatenate(out).astype(np.float32)
+
+
 def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig) -> EarlyExitModel:
     if task.text_pair:
         raise RecipeError("bilstm: sentence pairs (the siamese student) are not supported yet; "
@@ -131,11 +212,16 @@ def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig)
     if cfg.embedding_init not in ("teacher", "random"):
         raise RecipeError(f"embedding_init must be 'teacher' or 'random', not {cfg.embedding_init!r}")
     torch.manual_seed(cfg.seed)
-    cache = TeacherCache(teacher, task.train)  # in the teacher's wordpieces, before the switch
     wordpieces = task.encoder.tokenizer
     texts = [model_input(e) for e in task.distill_data.examples]
     words = word_tokenizer(texts, cfg.min_word_count, cfg.max_vocab)
+    # The training rows and their augmented copies, labelled by the teacher (in its wordpieces,
+    # before the task switches to words); cached rows line up with the dataset by index.
+    examples, teacher_logits = augmented_and_labelled(teacher, task, cfg)
     to_words(task, words, cfg)
+    if len(examples) > len(task.train):
+        task.train = EncodedDataset(examples, task.encoder, task.source_labels)
+    cache = SimpleNamespace(logits=torch.from_numpy(teacher_logits).to(next(teacher.parameters()).device))
     student = bilstm_student(teacher, words.get_vocab_size(), cfg)
     log.info("bilstm: %s words (min count %d), %d-wide vectors, %d x 2 LSTM units, %s parameters",
              f"{words.get_vocab_size():,}", cfg.min_word_count, cfg.embedding_size, cfg.lstm_size,
