@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-EXIT_HEADS = ("fastbert", "pooled", "maxpool")
+EXIT_HEADS = ("fastbert", "pooled", "maxpool", "siamese")
 CHECKPOINT_META = "early_exit.json"
 HEADS_FILE = "heads.pt"
 
@@ -67,27 +67,59 @@ class PooledHead(nn.Module):
         return self.out(torch.tanh(self.dense(masked_mean(hidden, attention_mask))))
 
 
-class MaxPoolHead(nn.Module):
-    """Tang et al.'s classifier: the max over the row's own positions, then a ReLU MLP."""
+def masked_max(hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The max over the positions where `present` [rows, t] is true; zeros for a row with none
+    (the second text of a pair given as one text)."""
+    pooled = hidden.masked_fill(~present[..., None], torch.finfo(hidden.dtype).min).max(dim=1).values
+    return torch.where(present.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
 
-    def __init__(self, hidden_size: int, num_labels: int, width: int = 128):
+
+class MaxPoolHead(nn.Module):
+    """Tang et al.'s classifier: the max over the row's own positions, then a ReLU MLP. Dropout
+    is its own, on the pooled vector (the model's is off for it: see INNER_DROPOUT)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, width: int = 128, dropout: float = 0.1):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(hidden_size, width)
         self.out = nn.Linear(width, num_labels)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.dense(self.dropout(features))))
+
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        padding = (attention_mask[..., None] == 0)
-        pooled = hidden.masked_fill(padding, torch.finfo(hidden.dtype).min).max(dim=1).values
-        return self.out(torch.relu(self.dense(pooled)))
+        return self.classify(masked_max(hidden, attention_mask > 0))
 
 
-def make_head(kind: str, hidden_size: int, num_labels: int, width: int) -> nn.Module:
+class SiameseHead(MaxPoolHead):
+    """Tang et al.'s sentence-pair classifier over a siamese BiLSTM's output (training/bilstm.py:
+    [states of A, marks of A, states of B, marks of B]): h1, h2 max-pooled over each text's own
+    positions, then [h1, h2, h1 * h2, |h1 - h2|] through the ReLU MLP."""
+
+    def __init__(self, hidden_size: int, num_labels: int, width: int = 128, dropout: float = 0.1):
+        self.text_width = hidden_size // 2 - 1
+        super().__init__(4 * self.text_width, num_labels, width, dropout)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        w = self.text_width
+        h1 = masked_max(hidden[..., :w], hidden[..., w] > 0.5)
+        h2 = masked_max(hidden[..., w + 1:2 * w + 1], hidden[..., 2 * w + 1] > 0.5)
+        return self.classify(torch.cat([h1, h2, h1 * h2, (h1 - h2).abs()], dim=-1))
+
+
+# Heads that apply their own dropout after pooling: their input carries marks a dropout would break.
+INNER_DROPOUT = ("maxpool", "siamese")
+
+
+def make_head(kind: str, hidden_size: int, num_labels: int, width: int, dropout: float = 0.1) -> nn.Module:
     if kind == "fastbert":
         return FastBertHead(hidden_size, num_labels, width)
     if kind == "pooled":
         return PooledHead(hidden_size, num_labels, width)
     if kind == "maxpool":
-        return MaxPoolHead(hidden_size, num_labels, width)
+        return MaxPoolHead(hidden_size, num_labels, width, dropout)
+    if kind == "siamese":
+        return SiameseHead(hidden_size, num_labels, width, dropout)
     raise ValueError(f"exit head must be one of {EXIT_HEADS}, not {kind!r}")
 
 
@@ -101,10 +133,11 @@ class EarlyExitModel(nn.Module):
         self.teacher_head = teacher_head or exit_head
         self.head_width = head_width
         self.num_labels = num_labels
-        self.dropout = nn.Dropout(dropout)
+        inner = self.teacher_head in INNER_DROPOUT
+        self.dropout = nn.Dropout(0.0 if inner else dropout)
         hidden = self.config.hidden_size
         kinds = [exit_head] * (len(self.layers) - 1) + [self.teacher_head]
-        self.heads = nn.ModuleList(make_head(k, hidden, num_labels, head_width) for k in kinds)
+        self.heads = nn.ModuleList(make_head(k, hidden, num_labels, head_width, dropout) for k in kinds)
 
     def replace_exits(self, exit_head: str) -> None:
         """New, untrained exits of another shape below the (kept) teacher classifier."""

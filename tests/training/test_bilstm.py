@@ -143,3 +143,84 @@ def test_bilstm_refuses_options_it_does_not_have(tiny_bundle, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("offramp: error: bilstm: --student-layers is not an option")
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def _pair_student(vocab: int = 40) -> EarlyExitModel:
+    torch.manual_seed(0)
+    backbone = BiLstmBackbone(BiLstmConfig(vocab_size=vocab, embedding_size=12, lstm_size=8, siamese=True))
+    return EarlyExitModel(backbone, 2, "siamese", 16, teacher_head="siamese").eval()
+
+
+def _pairs(encoder_texts):
+    words = word_tokenizer([t for pair in encoder_texts for t in pair])
+    from app.encoding import TextEncoder
+
+    return words, TextEncoder(words, 64)
+
+
+PAIRS = [("the cat sat on the mat", "a cat was sitting"), ("dogs bark", "the dog barked at the mailman today"),
+         ("it rained", "it rained all day long in the city"), ("short", "longer second text here")]
+
+
+def test_a_pair_is_two_texts_through_one_bilstm_and_padding_changes_nothing():
+    words, encoder = _pairs(PAIRS)
+    batch = encoder.encode(PAIRS)
+    assert batch.token_type_ids[0].tolist().count(1) == len("a cat was sitting".split())
+    model = _pair_student(words.get_vocab_size())
+    inputs = [torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)]
+    with torch.no_grad():
+        together = model(*inputs)[-1]
+        for r, pair in enumerate(PAIRS):
+            one = encoder.encode([pair])
+            alone = model(*[torch.from_numpy(a) for a in (one.input_ids, one.attention_mask, one.token_type_ids)])[-1]
+            torch.testing.assert_close(alone[0], together[r], atol=1e-6, rtol=1e-6)
+        # The second text matters, and which text is first does too ([h1, h2, h1*h2, |h1-h2|]).
+        swapped = encoder.encode([(b, a) for a, b in PAIRS])
+        other = model(*[torch.from_numpy(a) for a in (swapped.input_ids, swapped.attention_mask,
+                                                       swapped.token_type_ids)])[-1]
+        assert not torch.allclose(other, together)
+
+
+def test_the_exported_siamese_bilstm_matches_pytorch(tmp_path):
+    from app.engine import Engine
+    from app.manifest import Graphs, Manifest
+    from training.export import export_graphs, verify
+
+    words, encoder = _pairs(PAIRS)
+    model = _pair_student(words.get_vocab_size())
+    graphs = export_graphs(model, tmp_path)
+    manifest = Manifest.model_construct(graphs=Graphs(embeddings=graphs.embeddings, layers=graphs.layers),
+                                        num_layers=1, labels=["0", "1"])
+    result = verify(model, Engine(tmp_path, manifest), {"pairs": encoder.encode(PAIRS), "swapped":
+                    encoder.encode([(b, a) for a, b in PAIRS])})
+    assert result.passed, result.max_abs_logit_diff
+
+
+def test_a_pair_task_trains_and_serves_with_the_siamese_student(tmp_path):
+    from app.cli import main
+    from app.registry import load_model
+    from tests.tiny import SHARED_GLUE, tiny_teacher, write_rows
+    from training.data import read_examples
+
+    mrpc = SHARED_GLUE / "MRPC"
+    if not mrpc.is_dir():
+        pytest.skip("shared data not found")
+    rows = lambda f, n: [(f"{e.text}\t{e.text_pair}", e.label) for e in read_examples(mrpc / f).examples[:n]]  # noqa: E731
+    header = ("sentence1", "sentence2", "label")
+    train = write_rows(tmp_path / "train.tsv", rows("train.tsv", 160), header=header)
+    dev = write_rows(tmp_path / "dev.tsv", rows("dev.tsv", 48), header=header)
+    texts = [t for line in train.read_text().splitlines()[1:] for t in line.split("\t")[:2]]
+    teacher = tiny_teacher(tmp_path / "bert", texts, layers=2, hidden=16)
+    common = ["--train", str(train), "--dev", str(dev), "--max-seq-length", "64",
+              "--threads", "2", "--batch-size", "16"]
+    main(["train", "fastbert", "--teacher", str(teacher), "--out", str(tmp_path / "models" / "t"),
+          "--checkpoint", str(tmp_path / "runs" / "t"), "--epochs", "1", "--distill-epochs", "1", *common])
+    main(["train", "distill", "--method", "bilstm", "--teacher", str(tmp_path / "runs" / "t"),
+          "--out", str(tmp_path / "models" / "b"), "--checkpoint", str(tmp_path / "runs" / "b"), "--epochs", "2",
+          "--embedding-size", "16", "--lstm-size", "8", "--head-width", "8", "--cache-dir", str(tmp_path / "cache"),
+          *common])
+    manifest = json.loads((tmp_path / "models" / "b" / "manifest.json").read_text())
+    assert manifest["text_pair"] and manifest["exit_head"] == "siamese" and manifest["verification"]["passed"]
+    model = load_model(tmp_path / "models" / "b")
+    result = model.engine.run(model.encoder.encode([("a cat sat", "the cat was sitting")]), np.float32(0.0))
+    assert result.exit_layer.tolist() == [1] and abs(float(result.probabilities.sum()) - 1) < 1e-5

@@ -25,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from app.encoding import TextEncoder
 from training import loop, progress
@@ -43,7 +43,8 @@ from training.word_augment import Rules, augment, load_tagger, split, tag
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[MASK]"]  # [PAD] is id 0; [MASK] is the masking rule's
+# [PAD] is id 0; [MASK] is the masking rule's; [SEP] ends the first text of a pair.
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[MASK]", "[SEP]"]
 
 
 @dataclass
@@ -76,13 +77,16 @@ class BiLstmDistillConfig(DistillConfig):
 
 
 def word_tokenizer(texts: Iterable[str], min_count: int = 1, max_vocab: int = 100_000) -> Tokenizer:
-    """A WordLevel tokenizer over the words of `texts`, lower-cased and split like BERT's."""
+    """A WordLevel tokenizer over the words of `texts`, lower-cased and split like BERT's; a pair
+    is written "A [SEP] B", A's tokens (and [SEP]) of type 0 and B's of type 1."""
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, min_frequency=min_count,
                                         special_tokens=SPECIAL_TOKENS, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A [SEP] $B:1", special_tokens=[("[SEP]", tokenizer.token_to_id("[SEP]"))])
     return tokenizer
 
 
@@ -113,11 +117,12 @@ def embeddings_from_wordpieces(words: Tokenizer, wordpieces: Tokenizer, table: t
     return vectors
 
 
-def bilstm_student(teacher: EarlyExitModel, vocab_size: int, cfg: BiLstmDistillConfig) -> EarlyExitModel:
+def bilstm_student(teacher: EarlyExitModel, vocab_size: int, cfg: BiLstmDistillConfig,
+                   siamese: bool = False) -> EarlyExitModel:
     backbone = BiLstmBackbone(BiLstmConfig(vocab_size=vocab_size, embedding_size=cfg.embedding_size,
-                                           lstm_size=cfg.lstm_size))
-    return EarlyExitModel(backbone, teacher.num_labels, "maxpool", cfg.head_width, cfg.dropout,
-                          teacher_head="maxpool")
+                                           lstm_size=cfg.lstm_size, siamese=siamese))
+    head = "siamese" if siamese else "maxpool"
+    return EarlyExitModel(backbone, teacher.num_labels, head, cfg.head_width, cfg.dropout, teacher_head=head)
 
 
 def to_words(task: Task, tokenizer: Tokenizer, cfg: BiLstmDistillConfig) -> None:
@@ -139,6 +144,9 @@ def augmented_and_labelled(teacher: EarlyExitModel, task: Task, cfg: BiLstmDisti
     rules = Rules(cfg.aug_mask, cfg.aug_pos, cfg.aug_ngram)
     originals = list(task.train.examples)
     copies = cfg.aug_copies if rules.names() else 0
+    if task.text_pair and copies:
+        log.info("bilstm: no augmentation for sentence pairs (the rules are defined on one sentence)")
+        copies = 0
     key = _cache_key(teacher, originals, rules, copies, cfg.seed)
     path = Path(cfg.cache_dir) / f"bilstm-augmented-{key}.npz"
     if path.is_file():
@@ -146,7 +154,7 @@ def augmented_and_labelled(teacher: EarlyExitModel, task: Task, cfg: BiLstmDisti
         log.info("bilstm: augmented set from the cache %s: %s rows", path, f"{len(saved['logits']):,}")
         extra = [Example(text=str(t)) for t in saved["texts"]]
         return originals + extra, saved["logits"]
-    texts = [e.text for e in originals]
+    texts = [model_input(e) for e in originals]
     extra: list[Example] = []
     if copies:
         with progress.phase("augmentation", f"{len(texts):,} rows x {copies} tries, rules {', '.join(rules.names())}") as p:
@@ -154,7 +162,7 @@ def augmented_and_labelled(teacher: EarlyExitModel, task: Task, cfg: BiLstmDisti
             extra = [Example(text=t) for _, t in augment(sentences, rules, copies, cfg.seed)]
             p.result = f"{len(extra):,} new rows"
     with progress.phase("teacher logits (ONNX)", f"{len(originals) + len(extra):,} rows"):
-        logits = onnx_teacher_logits(teacher, task.encoder, texts + [e.text for e in extra])
+        logits = onnx_teacher_logits(teacher, task.encoder, texts + [model_input(e) for e in extra])
     if task.runtime is None or task.runtime.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.npz")
@@ -167,7 +175,7 @@ def augmented_and_labelled(teacher: EarlyExitModel, task: Task, cfg: BiLstmDisti
 def _cache_key(teacher: EarlyExitModel, examples, rules: Rules, copies: int, seed: int) -> str:
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(e.text.encode() + b"\0")
+        digest.update(f"{e.text}\t{e.text_pair}".encode() + b"\0")
     with torch.no_grad():  # the teacher's weights, cheaply: any change moves these sums
         checksum = [float(p.double().sum()) for p in teacher.parameters()]
     digest.update(json.dumps([dataclasses.asdict(rules), copies, seed, checksum]).encode())
@@ -175,7 +183,7 @@ def _cache_key(teacher: EarlyExitModel, examples, rules: Rules, copies: int, see
 
 
 @torch.no_grad()
-def onnx_teacher_logits(teacher: EarlyExitModel, encoder: TextEncoder, texts: list[str],
+def onnx_teacher_logits(teacher: EarlyExitModel, encoder: TextEncoder, texts: list,
                         batch_size: int = 64) -> np.ndarray:
     """The teacher's last-layer logits through its ONNX export and the serving engine: the
     fast path for the many augmented rows."""
@@ -189,31 +197,34 @@ def onnx_teacher_logits(teacher: EarlyExitModel, encoder: TextEncoder, texts: li
         manifest = Manifest.model_construct(graphs=Graphs(embeddings=graphs.embeddings, layers=graphs.layers),
                                             num_layers=teacher_cpu.num_layers, labels=[])
         engine = Engine(Path(folder), manifest)
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = encoder.encode(texts[start:start + batch_size])
-            hidden = engine.embed(batch)
-            for index in range(engine.num_layers):
-                hidden, logits = engine.layer(index, hidden, batch.attention_mask)
-            out.append(logits)
-    return np.concatenate(out).astype(np.float32)
+        # In order of length, so that a batch's rows pad little (a row's logits do not depend
+        # on its batch-mates), and back to the given order after.
+        order = np.argsort([len(t) if isinstance(t, str) else sum(map(len, t)) for t in texts], kind="stable")
+        out = np.zeros((len(texts), teacher_cpu.num_labels), dtype=np.float32)
+        with progress.bar(total=len(texts), desc="teacher logits", unit="row") as bar:
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                batch = encoder.encode([texts[i] for i in rows])
+                hidden = engine.embed(batch)
+                for index in range(engine.num_layers):
+                    hidden, logits = engine.layer(index, hidden, batch.attention_mask)
+                out[rows] = logits
+                bar.update(len(rows))
+    return out
 
 
 def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig) -> EarlyExitModel:
-    if task.text_pair:
-        raise RecipeError("bilstm: sentence pairs (the siamese student) are not supported yet; "
-                         "train it on a single-text task")
     for name in ("student_layers", "student_hidden", "layer_map"):
         if getattr(cfg, name) is not None:
             raise RecipeError(f"bilstm: --{name.replace('_', '-')} is not an option of this student (its size is "
                              f"--embedding-size and --lstm-size)")
     if cfg.exit_head != "maxpool":
-        raise RecipeError(f"bilstm: its classifier is the max-pool head, not {cfg.exit_head!r}")
+        raise RecipeError(f"bilstm: its classifier is the max-pool head (siamese for pairs), not {cfg.exit_head!r}")
     if cfg.embedding_init not in ("teacher", "random"):
         raise RecipeError(f"embedding_init must be 'teacher' or 'random', not {cfg.embedding_init!r}")
     torch.manual_seed(cfg.seed)
     wordpieces = task.encoder.tokenizer
-    texts = [model_input(e) for e in task.distill_data.examples]
+    texts = [text for e in task.distill_data.examples for text in (e.text, e.text_pair) if text is not None]
     words = word_tokenizer(texts, cfg.min_word_count, cfg.max_vocab)
     # The training rows and their augmented copies, labelled by the teacher (in its wordpieces,
     # before the task switches to words); cached rows line up with the dataset by index.
@@ -222,7 +233,7 @@ def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig)
     if len(examples) > len(task.train):
         task.train = EncodedDataset(examples, task.encoder, task.source_labels)
     cache = SimpleNamespace(logits=torch.from_numpy(teacher_logits).to(next(teacher.parameters()).device))
-    student = bilstm_student(teacher, words.get_vocab_size(), cfg)
+    student = bilstm_student(teacher, words.get_vocab_size(), cfg, siamese=task.text_pair)
     log.info("bilstm: %s words (min count %d), %d-wide vectors, %d x 2 LSTM units, %s parameters",
              f"{words.get_vocab_size():,}", cfg.min_word_count, cfg.embedding_size, cfg.lstm_size,
              f"{sum(p.numel() for p in student.parameters()):,}")
