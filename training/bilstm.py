@@ -16,15 +16,12 @@ marks its own positions) for the siamese head (training/model.py, "siamese").
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-CONFIG_FILE = "bilstm_config.json"
-WEIGHTS_FILE = "bilstm.safetensors"
+from training.model import OwnBackbone
 
 
 @dataclass
@@ -108,28 +105,14 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList([BiLstmLayer(cfg)])
 
 
-class BiLstmBackbone(nn.Module):
-    backbone_kind = "bilstm"  # recorded in the checkpoint so EarlyExitModel.load finds us
+class BiLstmBackbone(OwnBackbone):
+    backbone_kind = "bilstm"
+    config_class = BiLstmConfig
+    config_file = "bilstm_config.json"
+    weights_file = "bilstm.safetensors"
 
     def __init__(self, config: BiLstmConfig):
         super().__init__()
         self.config = config
         self.embeddings = WordEmbeddings(config)
         self.encoder = _Encoder(config)
-
-    def save_pretrained(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
-
-    @classmethod
-    def from_pretrained(cls, directory: Path) -> BiLstmBackbone:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        model = cls(BiLstmConfig(**json.loads((directory / CONFIG_FILE).read_text())))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-        return model

@@ -21,13 +21,13 @@ vocab_size and num_hidden_layers, and save_pretrained / from_pretrained.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.model import OwnBackbone
 
 CONFIG_FILE = "mobilebert_config.json"
 WEIGHTS_FILE = "mobilebert.safetensors"
@@ -165,8 +165,11 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(BottleneckBlock(cfg) for _ in range(cfg.num_hidden_layers))
 
 
-class MobileBertBackbone(nn.Module):
-    backbone_kind = "mobilebert"  # recorded in the checkpoint so EarlyExitModel.load finds us
+class MobileBertBackbone(OwnBackbone):
+    backbone_kind = "mobilebert"
+    config_class = BottleneckConfig
+    config_file = CONFIG_FILE
+    weights_file = WEIGHTS_FILE
 
     def __init__(self, config: BottleneckConfig):
         super().__init__()
@@ -183,20 +186,3 @@ class MobileBertBackbone(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
-
-    def save_pretrained(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
-
-    @classmethod
-    def from_pretrained(cls, directory: Path) -> MobileBertBackbone:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        model = cls(BottleneckConfig(**json.loads((directory / CONFIG_FILE).read_text())))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-        return model

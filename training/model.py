@@ -20,6 +20,34 @@ CHECKPOINT_META = "early_exit.json"
 HEADS_FILE = "heads.pt"
 
 
+class OwnBackbone(nn.Module):
+    """An encoder of this package's own (not a transformers model): its config as JSON, its
+    weights as safetensors, and `backbone_kind` recorded in the checkpoint so that
+    EarlyExitModel.load finds the class again."""
+
+    backbone_kind: str
+    config_class: type
+    config_file: str
+    weights_file: str
+
+    def save_pretrained(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / self.config_file).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / self.weights_file))
+
+    @classmethod
+    def from_pretrained(cls, directory: Path):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        model = cls(cls.config_class(**json.loads((directory / cls.config_file).read_text())))
+        model.load_state_dict(load_file(str(directory / cls.weights_file)))
+        return model
+
+
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
