@@ -154,6 +154,8 @@ def augmented_and_labelled(teacher: EarlyExitModel, task: Task, cfg: BiLstmDisti
         log.info("bilstm: augmented set from the cache %s: %s rows", path, f"{len(saved['logits']):,}")
         extra = [Example(text=str(t)) for t in saved["texts"]]
         return originals + extra, saved["logits"]
+    if cfg.alpha == 1 and not copies:  # labels alone: the teacher has nothing to say
+        return originals, np.zeros((len(originals), teacher.num_labels), dtype=np.float32)
     texts = [model_input(e) for e in originals]
     extra: list[Example] = []
     if copies:
