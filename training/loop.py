@@ -84,8 +84,9 @@ def train(
 ) -> list[float]:
     """AdamW with linear warm-up and decay over `epochs` (fractions allowed) of `dataset`, in
     global batches of `batch_size` rows per process. Returns the (global) loss of every step;
-    every `log_every` steps (the runtime's setting) the mean goes to `log_file`. Run by every process of a distributed
-    run alike; resumes from the runtime's saved state when that was taken in this phase."""
+    every `log_every` steps (the runtime's setting) the mean goes to `log_file`. Every process
+    of a distributed run runs it alike; it resumes from the runtime's saved state when that was
+    taken in this phase."""
     runtime = runtime or default_runtime()
     params = [p for p in params if p.requires_grad]
     global_batch = batch_size * runtime.world_size

@@ -124,7 +124,13 @@ class Runtime:
 
     @property
     def local_world_size(self) -> int:
-        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.world_size > 1 else 1
+        """Processes on this machine (torchrun, Open MPI), to share its cores between them."""
+        if self.world_size == 1:
+            return 1
+        for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+            if os.environ.get(name, "").isdigit():
+                return int(os.environ[name])
+        return 1
 
     @property
     def is_main(self) -> bool:
