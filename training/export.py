@@ -104,7 +104,8 @@ def _torch_layer_logits(model: EarlyExitModel, batch: EncodedBatch) -> np.ndarra
     return np.stack([l.numpy() for l in logits])
 
 
-def _onnx_layer_logits(engine: Engine, batch: EncodedBatch, bar=None) -> np.ndarray:
+def onnx_layer_logits(engine: Engine, batch: EncodedBatch, bar=None) -> np.ndarray:
+    """[layers, rows, classes] logits of every exit, through the engine's graphs."""
     hidden, out = engine.embed(batch), []
     for index in range(engine.num_layers):
         hidden, logits = engine.layer(index, hidden, batch.attention_mask)
@@ -134,7 +135,7 @@ def verify(model: EarlyExitModel, engine: Engine, batches: dict[str, EncodedBatc
         for batch in batches.values():
             expected = _torch_layer_logits(model, batch)
             bar.update()
-            diff = np.abs(expected - _onnx_layer_logits(engine, batch, bar))
+            diff = np.abs(expected - onnx_layer_logits(engine, batch, bar))
             worst = np.maximum(worst, diff.reshape(model.num_layers, -1).max(axis=1))
     return Verification(passed=bool((worst <= tolerance).all()), tolerance=tolerance,
                         max_abs_logit_diff=[float(x) for x in worst], inputs=sorted(batches))

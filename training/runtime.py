@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,9 +276,6 @@ class Runtime:
                     shutil.rmtree(folder, ignore_errors=True)
                     log.info("run complete: removed its resumable state %s", folder)
 
-    def scratch_dir(self) -> contextlib.AbstractContextManager[str]:
-        """A private folder for a process that writes nothing that lasts (not the main one)."""
-        return tempfile.TemporaryDirectory(prefix=f"offramp-rank{self.rank}-")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterable
 
 import numpy as np
@@ -125,14 +124,14 @@ def bilstm_student(teacher: EarlyExitModel, vocab_size: int, cfg: BiLstmDistillC
     return EarlyExitModel(backbone, teacher.num_labels, head, cfg.head_width, cfg.dropout, teacher_head=head)
 
 
-def to_words(task: Task, tokenizer: Tokenizer, cfg: BiLstmDistillConfig) -> None:
-    """The task's data re-encoded in words (same rows, same order: cached teacher outputs still
-    line up by index); the word tokenizer becomes the task's, so the checkpoint and the bundle
-    carry it."""
+def to_words(task: Task, tokenizer: Tokenizer, cfg: BiLstmDistillConfig, train_examples: list[Example]) -> None:
+    """The task's data re-encoded in words, training on `train_examples` (same rows, same order
+    as their teacher logits); the word tokenizer becomes the task's, so the checkpoint and the
+    bundle carry it."""
     tokenizer.save(str(task.tokenizer_file))
     encoder = TextEncoder(tokenizer, cfg.max_seq_length)
     labels = task.source_labels
-    task.train = EncodedDataset(task.train.examples, encoder, labels)
+    task.train = EncodedDataset(train_examples, encoder, labels)
     task.dev = EncodedDataset(task.dev.examples, encoder, labels)
     task.distill_data = EncodedDataset(task.distill_data.examples, encoder, labels)
     task.encoder = encoder
@@ -191,7 +190,7 @@ def onnx_teacher_logits(teacher: EarlyExitModel, encoder: TextEncoder, texts: li
     fast path for the many augmented rows."""
     from app.engine import Engine
     from app.manifest import Graphs, Manifest
-    from training.export import export_graphs
+    from training.export import export_graphs, onnx_layer_logits
 
     with tempfile.TemporaryDirectory(prefix="offramp-teacher-") as folder:
         teacher_cpu = copy.deepcopy(teacher).cpu().eval()
@@ -206,11 +205,7 @@ def onnx_teacher_logits(teacher: EarlyExitModel, encoder: TextEncoder, texts: li
         with progress.bar(total=len(texts), desc="teacher logits", unit="row") as bar:
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
-                batch = encoder.encode([texts[i] for i in rows])
-                hidden = engine.embed(batch)
-                for index in range(engine.num_layers):
-                    hidden, logits = engine.layer(index, hidden, batch.attention_mask)
-                out[rows] = logits
+                out[rows] = onnx_layer_logits(engine, encoder.encode([texts[i] for i in rows]))[-1]
                 bar.update(len(rows))
     return out
 
@@ -231,10 +226,8 @@ def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig)
     # The training rows and their augmented copies, labelled by the teacher (in its wordpieces,
     # before the task switches to words); cached rows line up with the dataset by index.
     examples, teacher_logits = augmented_and_labelled(teacher, task, cfg)
-    to_words(task, words, cfg)
-    if len(examples) > len(task.train):
-        task.train = EncodedDataset(examples, task.encoder, task.source_labels)
-    cache = SimpleNamespace(logits=torch.from_numpy(teacher_logits).to(next(teacher.parameters()).device))
+    to_words(task, words, cfg, examples)
+    teacher_logits = torch.from_numpy(teacher_logits).to(next(teacher.parameters()).device)
     student = bilstm_student(teacher, words.get_vocab_size(), cfg, siamese=task.text_pair)
     log.info("bilstm: %s words (min count %d), %d-wide vectors, %d x 2 LSTM units, %s parameters",
              f"{words.get_vocab_size():,}", cfg.min_word_count, cfg.embedding_size, cfg.lstm_size,
@@ -248,7 +241,7 @@ def distil_bilstm(teacher: EarlyExitModel, task: Task, cfg: BiLstmDistillConfig)
     def loss_fn(batch: Batch) -> torch.Tensor:
         states = student.hidden_states(*batch.inputs())
         logits = student.exit_logits(0, states[-1], batch.attention_mask)
-        loss = (1 - cfg.alpha) * logit_mse(cache.logits[batch.index], logits)
+        loss = (1 - cfg.alpha) * logit_mse(teacher_logits[batch.index], logits)
         if cfg.alpha:
             loss = loss + cfg.alpha * cross_entropy(logits, batch.labels)
         return loss
