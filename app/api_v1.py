@@ -14,6 +14,7 @@ from app.schemas import (
     PredictRequest,
     PredictResponse,
     ReloadResponse,
+    StageInfo,
     Timing,
 )
 from app.http_body import off_the_loop, parse_model, parse_version, read_body
@@ -36,7 +37,10 @@ def model_info(request: Request, model: LoadedModel) -> ModelInfo:
     return ModelInfo(name=model.name, version=model.version, versions=sorted(registry.versions[model.name]),
                      labels=m.labels, layers=m.num_layers, text_pair=m.text_pair,
                      max_seq_length=m.max_seq_length, recommended_threshold=m.recommended_threshold,
-                     exit_head=m.exit_head, default=model.name == registry.default_name)
+                     exit_head=m.exit_head, default=model.name == registry.default_name,
+                     stages=None if not m.stages else [
+                         StageInfo(name=s.name, layers=s.num_layers, first_layer=s.first_layer,
+                                   exit_head=s.exit_head, max_seq_length=s.max_seq_length) for s in m.stages])
 
 
 def to_response(result: Classification, return_probabilities: bool) -> PredictResponse:
@@ -46,10 +50,13 @@ def to_response(result: Classification, return_probabilities: bool) -> PredictRe
     for row in range(len(rows.exit_layer)):
         probs = rows.probabilities[row]
         best = int(probs.argmax())
+        layer = int(rows.exit_layer[row])
+        stage = manifest.stage_of(layer)
         predictions.append(Prediction(
             label=labels[best], label_id=best, score=float(probs[best]),
             probabilities={l: float(p) for l, p in zip(labels, probs)} if return_probabilities else None,
-            exit_layer=int(rows.exit_layer[row]), uncertainty=float(rows.uncertainty[row]),
+            exit_layer=layer, uncertainty=float(rows.uncertainty[row]),
+            stage=stage[0].name if stage else None, stage_layer=stage[1] if stage else None,
             truncated=bool(result.batch.truncated[row]),
         ))
     truncated = [i for i, t in enumerate(result.batch.truncated) if t]

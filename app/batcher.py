@@ -260,17 +260,6 @@ def _unique(jobs) -> list[Job]:
 
 
 def _merge(chosen: list[tuple[Job, int]]) -> EncodedBatch:
-    """One right-padded batch of the chosen rows of several requests."""
-    lengths = [int(job.lengths[row]) for job, row in chosen]
-    longest = max(lengths)
-    n = len(chosen)
-    input_ids = np.zeros((n, longest), dtype=np.int64)  # padding is masked: its id is irrelevant
-    attention_mask = np.zeros((n, longest), dtype=np.int64)
-    token_type_ids = np.zeros((n, longest), dtype=np.int64)
-    truncated = np.zeros(n, dtype=bool)
-    for i, ((job, row), length) in enumerate(zip(chosen, lengths)):
-        input_ids[i, :length] = job.batch.input_ids[row, :length]
-        attention_mask[i, :length] = 1
-        token_type_ids[i, :length] = job.batch.token_type_ids[row, :length]
-        truncated[i] = job.batch.truncated[row]
-    return EncodedBatch(input_ids, attention_mask, token_type_ids, truncated)
+    """One right-padded batch of the chosen rows of several requests (of one model, so all of
+    one kind of batch: a cascade's carries every stage's tokens)."""
+    return type(chosen[0][0].batch).gather([(job.batch, row) for job, row in chosen])

@@ -40,6 +40,22 @@ class EncodedBatch:
             None if self.empty is None else self.empty[index],
         )
 
+    @classmethod
+    def gather(cls, parts: Sequence[tuple[EncodedBatch, int]]) -> EncodedBatch:
+        """One right-padded batch of rows taken from several batches: (batch, row) each."""
+        lengths = [int(batch.attention_mask[row].sum()) for batch, row in parts]
+        longest, n = max(lengths), len(parts)
+        input_ids = np.zeros((n, longest), dtype=np.int64)  # padding is masked: its id is irrelevant
+        attention_mask = np.zeros((n, longest), dtype=np.int64)
+        token_type_ids = np.zeros((n, longest), dtype=np.int64)
+        truncated = np.zeros(n, dtype=bool)
+        for i, ((batch, row), length) in enumerate(zip(parts, lengths)):
+            input_ids[i, :length] = batch.input_ids[row, :length]
+            attention_mask[i, :length] = 1
+            token_type_ids[i, :length] = batch.token_type_ids[row, :length]
+            truncated[i] = batch.truncated[row]
+        return EncodedBatch(input_ids, attention_mask, token_type_ids, truncated)
+
 
 class TextEncoder:
     def __init__(self, tokenizer: Tokenizer, max_seq_length: int):

@@ -41,7 +41,7 @@ class ExitResult:
         return int(self.exit_layer.sum())
 
 
-def _as_rows(value, rows: int, dtype) -> np.ndarray:
+def per_row(value, rows: int, dtype) -> np.ndarray:
     arr = np.asarray(value, dtype=dtype)
     return np.full(rows, arr, dtype=dtype) if arr.ndim == 0 else arr
 
@@ -114,9 +114,9 @@ class Engine:
         max_layers: int | np.ndarray | None = None,
     ) -> ExitResult:
         rows = batch.input_ids.shape[0]
-        threshold = _as_rows(threshold, rows, np.float32)
-        min_layers = _as_rows(min_layers, rows, np.int64)
-        max_layers = _as_rows(self.num_layers if max_layers is None else max_layers, rows, np.int64)
+        threshold = per_row(threshold, rows, np.float32)
+        min_layers = per_row(min_layers, rows, np.int64)
+        max_layers = per_row(self.num_layers if max_layers is None else max_layers, rows, np.int64)
         groups = self.groups(batch)
         if len(groups) == 1:
             return self._run_group(batch, threshold, min_layers, max_layers)

@@ -5,6 +5,9 @@ A bundle is a folder:
     tokenizer.json    a `tokenizers` tokenizer
     embeddings.onnx   (input_ids, attention_mask, token_type_ids) -> hidden
     layer_01.onnx ... (hidden, attention_mask) -> (hidden_out, logits of that layer's exit)
+
+A cascade (`offramp cascade`) is a folder of whole bundles under `stages/`, run in order as one
+network whose layers are numbered on through the stages; its manifest lists every stage file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ class BundleFile(BaseModel):
 class Graphs(BaseModel):
     embeddings: str
     layers: list[str] = Field(min_length=1)
+
+
+class Stage(BaseModel):
+    """One bundle inside a cascade: its layers are the cascade's first_layer .. last_layer."""
+
+    name: str
+    path: str  # its folder inside the cascade bundle
+    num_layers: int = Field(ge=1)
+    first_layer: int = Field(ge=1)
+    exit_head: str
+    max_seq_length: int
+
+    @property
+    def last_layer(self) -> int:
+        return self.first_layer + self.num_layers - 1
 
 
 class DataFileRecord(BaseModel):
@@ -105,7 +123,8 @@ class Manifest(BaseModel):
     uncertainty: Literal["normalized_entropy"] = "normalized_entropy"
     recommended_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     tokenizer: str = "tokenizer.json"
-    graphs: Graphs
+    graphs: Graphs | None = None  # a single bundle's graphs; a cascade has stages instead
+    stages: list[Stage] | None = None
     files: list[BundleFile]
     quantization: QuantizationReport | None = None
     provenance: Provenance
@@ -119,16 +138,40 @@ class Manifest(BaseModel):
             raise ValueError(
                 f"format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
             )
-        if len(self.graphs.layers) != self.num_layers:
-            raise ValueError(
-                f"num_layers is {self.num_layers} but graphs.layers lists {len(self.graphs.layers)}"
-            )
+        if (self.graphs is None) == (self.stages is None):
+            raise ValueError("a manifest has either graphs (one bundle) or stages (a cascade)")
+        if self.stages is not None:
+            needed = self._check_stages()
+        else:
+            if len(self.graphs.layers) != self.num_layers:
+                raise ValueError(
+                    f"num_layers is {self.num_layers} but graphs.layers lists {len(self.graphs.layers)}"
+                )
+            needed = {self.tokenizer, self.graphs.embeddings, *self.graphs.layers}
         listed = {f.path for f in self.files}
-        needed = {self.tokenizer, self.graphs.embeddings, *self.graphs.layers}
         missing = sorted(needed - listed)
         if missing:
             raise ValueError(f"files does not list {missing}")
         return self
+
+    def _check_stages(self) -> set[str]:
+        if len(self.stages) < 2:
+            raise ValueError("a cascade has at least two stages")
+        first = 1
+        for stage in self.stages:
+            if stage.first_layer != first:
+                raise ValueError(f"stage {stage.name!r} starts at layer {stage.first_layer}, expected {first}")
+            first += stage.num_layers
+        if first - 1 != self.num_layers:
+            raise ValueError(f"num_layers is {self.num_layers} but the stages have {first - 1}")
+        return {f"{stage.path}/{MANIFEST_NAME}" for stage in self.stages}
+
+    def stage_of(self, layer: int) -> tuple[Stage, int] | None:
+        """The stage a cascade layer (1-based) belongs to, and its number inside that stage."""
+        for stage in self.stages or []:
+            if layer <= stage.last_layer:
+                return stage, layer - stage.first_layer + 1
+        return None
 
     def label_ids(self, raw_labels: Iterable[str]) -> list[int]:
         """Class ids of labels as a data file writes them (or as the model serves them)."""

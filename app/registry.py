@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 
 from app.batcher import Batcher
+from app.bundle import open_encoder, open_engine
+from app.cascade import CascadeEncoder, CascadeEngine
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
@@ -31,8 +33,8 @@ class LoadedModel:
     version: int
     path: Path
     manifest: Manifest
-    encoder: TextEncoder
-    engine: Engine
+    encoder: TextEncoder | CascadeEncoder
+    engine: Engine | CascadeEngine
     batcher: Batcher | None = None
     fingerprint: str = ""  # the manifest's file digests: a changed bundle is reloaded
 
@@ -51,8 +53,8 @@ def load_model(path: Path, provider: str = "cpu", intra_op_threads: int | None =
     """Verify every file against the manifest, open the sessions and warm every layer up."""
     path = Path(path)
     manifest = read_manifest(path, verify_files=True)
-    encoder = TextEncoder.from_file(path / manifest.tokenizer, manifest.max_seq_length)
-    engine = Engine(path, manifest, provider=provider, intra_op_threads=intra_op_threads)
+    encoder = open_encoder(path, manifest)
+    engine = open_engine(path, manifest, provider=provider, intra_op_threads=intra_op_threads)
     warm = encoder.encode([("warm up", "warm up")] if manifest.text_pair else ["warm up"] * 2)
     engine.run(warm, threshold=np.float32(0.0))
     # Served under its folder name, so models/NAME is /v1/models/NAME whatever it was trained as.

@@ -43,7 +43,10 @@ class Prediction(BaseModel):
     label_id: int
     score: float = Field(description="probability of the predicted label")
     probabilities: dict[str, float] | None = None
-    exit_layer: int = Field(description="1-based layer whose exit answered")
+    exit_layer: int = Field(description="1-based layer whose exit answered (a cascade numbers its layers "
+                                        "on through its stages)")
+    stage: str | None = Field(default=None, description="cascades: the stage that answered")
+    stage_layer: int | None = Field(default=None, description="cascades: the exit_layer counted inside its stage")
     uncertainty: float = Field(description="normalised entropy at the exit layer")
     truncated: bool = Field(default=False, description="the input was cut to max_seq_length tokens")
 
@@ -65,6 +68,14 @@ class PredictResponse(BaseModel):
     timing_ms: Timing
 
 
+class StageInfo(BaseModel):
+    name: str
+    layers: int
+    first_layer: int = Field(description="the cascade's number of the stage's first layer")
+    exit_head: str
+    max_seq_length: int
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int = Field(description="the version served by default (the latest)")
@@ -76,6 +87,7 @@ class ModelInfo(BaseModel):
     recommended_threshold: float
     exit_head: str
     default: bool
+    stages: list[StageInfo] | None = Field(default=None, description="cascades: the bundles run in order")
 
 
 class ModelList(BaseModel):

@@ -29,23 +29,21 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def exits_at(
-    layer: int,
+    layer: int | np.ndarray,
     num_layers: int,
     uncertainty: np.ndarray,
     threshold: np.ndarray,
     min_layers: np.ndarray,
     max_layers: np.ndarray,
 ) -> np.ndarray:
-    """Which rows leave after `layer` (1-based).
+    """Which rows leave after `layer` (1-based; one for all rows, or each row's own).
 
     A row leaves at the first layer whose U < its threshold, never before its min_layers and
     always at its max_layers or the last layer. A threshold of 1 means "the first exit allowed",
     even for a perfectly uniform distribution whose U is exactly 1.
     """
-    if layer >= num_layers:
-        return np.ones_like(uncertainty, dtype=bool)
     confident = (uncertainty < threshold) | (threshold >= 1.0)
-    return (layer >= max_layers) | ((layer >= min_layers) & confident)
+    return (layer >= num_layers) | (layer >= max_layers) | ((layer >= min_layers) & confident)
 
 
 def simulate_exits(

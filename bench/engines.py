@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.encoding import TextEncoder
-from app.engine import GROUP_CALL_COST_TOKENS, Engine
+from app.bundle import open_encoder, open_engine
+from app.engine import GROUP_CALL_COST_TOKENS
 from app.manifest import read_manifest
 from bench.report import load_data, machine_info
 from app.calibration import make_batches
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     for config in map(parse_config, args.configs):
         manifest = read_manifest(config["bundle"])
         inputs, labels = load_data(args.data, manifest)
-        encoder = TextEncoder.from_file(config["bundle"] / manifest.tokenizer, manifest.max_seq_length)
-        engine = Engine(config["bundle"], manifest, provider=config["provider"], intra_op_threads=args.threads,
-                        group_call_cost_tokens=config["groups"])
+        encoder = open_encoder(config["bundle"], manifest)
+        engine = open_engine(config["bundle"], manifest, provider=config["provider"], intra_op_threads=args.threads,
+                             group_call_cost_tokens=config["groups"])
         batches = {b: make_batches(encoder, inputs, b) for b in sizes}
         for b in sizes:
             for batch in batches[b][:3]:

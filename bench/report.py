@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from app.bundle import open_encoder, open_engine
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import Manifest, read_manifest
@@ -270,8 +271,8 @@ def reference_full_depth(reference_dir: Path, manifest: Manifest, inputs: Sequen
     if list(ref_manifest.labels) != list(manifest.labels):
         raise BenchError(f"--reference {reference_dir}: labels {ref_manifest.labels} differ from the "
                          f"bundle's {manifest.labels}")
-    engine = Engine(reference_dir, ref_manifest, intra_op_threads=threads)
-    encoder = TextEncoder.from_file(reference_dir / ref_manifest.tokenizer, ref_manifest.max_seq_length)
+    engine = open_engine(reference_dir, ref_manifest, intra_op_threads=threads)
+    encoder = open_encoder(reference_dir, ref_manifest)
     batches = make_batches(encoder, inputs, batch_size)
     warm_up(engine, encoder, batches, inputs)
     row = measure_threshold(engine, encoder, batches, inputs, labels, 0.0, repeats, latency_rows=0)
@@ -314,8 +315,8 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
     inputs, labels = load_data(Path(data), manifest, text_columns, label_column)
     # Fail on a missing checkpoint before minutes of measuring, not after.
     checkpoint_dir = resolve_checkpoint(manifest, checkpoint) if baseline else None
-    engine = Engine(bundle_dir, manifest, intra_op_threads=threads or cpu_quota())
-    encoder = TextEncoder.from_file(bundle_dir / manifest.tokenizer, manifest.max_seq_length)
+    engine = open_engine(bundle_dir, manifest, intra_op_threads=threads or cpu_quota())
+    encoder = open_encoder(bundle_dir, manifest)
     # The recommended threshold is what requests get by default: always measure it.
     thresholds = [*thresholds, manifest.recommended_threshold]
     results = sweep(engine, encoder, inputs, labels, thresholds, batch_size, repeats,

@@ -53,3 +53,29 @@ def tiny_int8_bundle(tmp_path_factory, tiny_bundle) -> Path:
     main(["quantize", str(tiny_bundle["bundle"]), "--out", str(out), "--dev", str(tiny_bundle["dev"]),
           "--max-loss", "100", "--calibration-rows", "64"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bilstm(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
+    """A BiLSTM distilled from the tiny teacher through `offramp train distill --method bilstm`."""
+    from app.cli import main
+
+    root = tmp_path_factory.mktemp("bilstm")
+    out, checkpoint, cache = root / "models" / "words", root / "runs" / "words", root / "cache"
+    main(["train", "distill", "--method", "bilstm", "--teacher", str(tiny_bundle["checkpoint"]),
+          "--train", str(tiny_bundle["train"]), "--dev", str(tiny_bundle["dev"]), "--out", str(out),
+          "--checkpoint", str(checkpoint), "--epochs", "2", "--embedding-size", "24", "--lstm-size", "12",
+          "--head-width", "16", "--batch-size", "16", "--threads", "2", "--aug-copies", "2",
+          "--cache-dir", str(cache)])
+    return {"bundle": out, "checkpoint": checkpoint, "cache": cache}
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade(tmp_path_factory, tiny_bilstm, tiny_bundle) -> Path:
+    """`offramp cascade` of the tiny BiLSTM, then the tiny early-exit transformer."""
+    from app.cli import main
+
+    out = tmp_path_factory.mktemp("cascade") / "models" / "tiny-cascade"
+    main(["cascade", "--stages", f"{tiny_bilstm['bundle']},{tiny_bundle['bundle']}",
+          "--dev", str(tiny_bundle["dev"]), "--out", str(out), "--threads", "2"])
+    return out

@@ -288,6 +288,8 @@ def run_quantize(args: argparse.Namespace) -> None:
     from collections import Counter
 
     manifest = read_manifest(args.bundle)
+    if manifest.stages:
+        raise CommandError(f"{args.bundle} is a cascade: quantise its stages, then cascade them again")
     check_replaceable(args.out, BUNDLE_MARKER, "--out")
     inputs, labels = load_data(args.dev, manifest, text_columns_of(args), args.label_column)
     counts = Counter(labels.tolist())
@@ -303,6 +305,12 @@ def run_card(args: argparse.Namespace) -> None:
 
     path = write_model_card(args.bundle, args.bench, args.notes)
     print(f"model card written to {path}")
+
+
+def run_cascade(args: argparse.Namespace) -> None:
+    from training.cascade import run_cascade as build
+
+    build(args)
 
 
 def register(subparsers, train_methods: bool = True) -> None:
@@ -329,6 +337,21 @@ def register(subparsers, train_methods: bool = True) -> None:
     card.add_argument("--bench", type=Path, help="JSON of `offramp bench` to include")
     card.add_argument("--notes", type=Path, help="Markdown to append (e.g. how to reproduce)")
     card.set_defaults(func=command(run_card))
+
+    cascade = subparsers.add_parser("cascade", help="chain bundles into one cascade bundle (cheap model first)")
+    cascade.add_argument("--stages", required=True, metavar="A,B[,...]",
+                         help="bundle folders in the order they run; they must share one label set")
+    cascade.add_argument("--dev", required=True, type=Path,
+                         help="labelled dev file (accuracy per layer; calibration unless --calibration)")
+    cascade.add_argument("--out", required=True, type=Path)
+    cascade.add_argument("--calibration", type=Path, metavar="FILE",
+                         help="labelled file to fit the calibration on instead of --dev (dev is then out of sample)")
+    cascade.add_argument("--calibration-tolerance", type=float, default=0.5,
+                         help="recommended threshold: the largest within this many points of full depth")
+    cascade.add_argument("--text-columns")
+    cascade.add_argument("--label-column")
+    cascade.add_argument("--threads", type=int, help="intra-op threads (default: CPU quota)")
+    cascade.set_defaults(func=command(run_cascade))
 
     if train_methods:
         register_train(subparsers)

@@ -176,6 +176,8 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
         raise ValueError("static quantisation needs calibration text (training rows)")
     source, out_dir = Path(source), Path(out_dir)
     manifest = read_manifest(source)
+    if manifest.stages:
+        raise QuantizationRefused(f"{source} is a cascade: quantise its stages, then cascade them again")
     with Staged(out_dir) as staged:
         staging = staged.path
         encoder = TextEncoder.from_file(source / manifest.tokenizer, manifest.max_seq_length)

@@ -102,17 +102,11 @@ def test_the_config_defaults_are_the_papers_student():
     assert (cfg.embedding_size, cfg.lstm_size, cfg.head_width, cfg.exit_head) == (300, 150, 200, "maxpool")
 
 
-def test_a_bilstm_distilled_end_to_end_serves_in_words(tiny_bundle, tmp_path):
-    from app.cli import main
+def test_a_bilstm_distilled_end_to_end_serves_in_words(tiny_bundle, tiny_bilstm):
     from app.registry import load_model
     from training.data import read_examples
 
-    out, ckpt = tmp_path / "models" / "words", tmp_path / "runs" / "words"
-    main(["train", "distill", "--method", "bilstm", "--teacher", str(tiny_bundle["checkpoint"]),
-          "--train", str(tiny_bundle["train"]), "--dev", str(tiny_bundle["dev"]), "--out", str(out),
-          "--checkpoint", str(ckpt), "--epochs", "2", "--embedding-size", "24", "--lstm-size", "12",
-          "--head-width", "16", "--batch-size", "16", "--threads", "2", "--aug-copies", "2",
-          "--cache-dir", str(tmp_path / "cache")])
+    out, ckpt = tiny_bilstm["bundle"], tiny_bilstm["checkpoint"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_layers"] == 1 and manifest["exit_head"] == "maxpool"
     assert manifest["verification"]["passed"]
@@ -120,7 +114,7 @@ def test_a_bilstm_distilled_end_to_end_serves_in_words(tiny_bundle, tmp_path):
     assert (ckpt / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
     student, meta = EarlyExitModel.load(ckpt)
     assert meta["backbone_kind"] == "bilstm" and meta["recipe"]["method"] == "bilstm"
-    assert len(list((tmp_path / "cache").glob("bilstm-augmented-*.npz"))) == 1  # built once, kept
+    assert len(list(tiny_bilstm["cache"].glob("bilstm-augmented-*.npz"))) == 1  # built once, kept
     # The served bundle answers as the PyTorch checkpoint does, through the real engine.
     model = load_model(out)
     texts = [e.text for e in read_examples(tiny_bundle["dev"]).examples][:16]

@@ -1,0 +1,26 @@
+"""Open a bundle folder for running: its encoder and its engine, a single bundle or a cascade."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.cascade import CascadeEncoder, CascadeEngine
+from app.encoding import TextEncoder
+from app.engine import GROUP_CALL_COST_TOKENS, Engine
+from app.manifest import Manifest, read_manifest
+
+
+def open_encoder(bundle_dir: Path, manifest: Manifest) -> TextEncoder | CascadeEncoder:
+    bundle_dir = Path(bundle_dir)
+    if manifest.stages:
+        return CascadeEncoder([open_encoder(bundle_dir / s.path, read_manifest(bundle_dir / s.path, verify_files=False))
+                               for s in manifest.stages])
+    return TextEncoder.from_file(bundle_dir / manifest.tokenizer, manifest.max_seq_length)
+
+
+def open_engine(bundle_dir: Path, manifest: Manifest | None = None, provider: str = "cpu",
+                intra_op_threads: int | None = None, io_binding: bool | None = None,
+                group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS) -> Engine | CascadeEngine:
+    manifest = manifest or read_manifest(Path(bundle_dir))
+    kind = CascadeEngine if manifest.stages else Engine
+    return kind(bundle_dir, manifest, provider, intra_op_threads, io_binding, group_call_cost_tokens)

@@ -1,0 +1,127 @@
+"""Cascades: whole bundles run in order as one early-exit network (`offramp cascade` builds them).
+
+A cheap model (a BiLSTM) answers the rows it is sure of; only the others go on to the next stage
+(an early-exit transformer), whose own exits still apply. The layers are numbered on through
+the stages, and one rule decides every exit: `app.uncertainty.exits_at` on the cascade's layer
+number, with the request's one threshold and depth bounds. So a cascade is calibrated, swept and
+served as one model, and a row's answer never depends on its batch-mates (each stage's engine
+keeps that promise, and which rows go on is decided row by row). Every stage tokenises with its
+own tokenizer: a batch carries each stage's ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from app.encoding import EncodedBatch, TextEncoder, TextInput
+from app.engine import GROUP_CALL_COST_TOKENS, Engine, ExitResult, per_row
+from app.manifest import Manifest, read_manifest
+from app.threads import cpu_quota
+from app.uncertainty import exits_at
+
+
+@dataclass
+class CascadeBatch(EncodedBatch):
+    """Every stage's encoding of the same rows. The batch's own arrays are the last stage's
+    (the costly one), so the batcher groups and budgets rows by the tokens that cost most."""
+
+    stages: tuple[EncodedBatch, ...] = field(default=())
+
+    @classmethod
+    def of(cls, stages: Sequence[EncodedBatch]) -> CascadeBatch:
+        last = stages[-1]
+        truncated = np.logical_or.reduce([s.truncated for s in stages])
+        empties = [s.empty for s in stages if s.empty is not None]
+        empty = np.logical_or.reduce(empties) if empties else None
+        return cls(last.input_ids, last.attention_mask, last.token_type_ids, truncated, empty, tuple(stages))
+
+    def rows(self, index: np.ndarray) -> CascadeBatch:
+        return CascadeBatch.of([s.rows(index) for s in self.stages])
+
+    @classmethod
+    def gather(cls, parts: Sequence[tuple[CascadeBatch, int]]) -> CascadeBatch:
+        count = len(parts[0][0].stages)
+        return cls.of([EncodedBatch.gather([(b.stages[s], row) for b, row in parts]) for s in range(count)])
+
+
+class CascadeEncoder:
+    def __init__(self, encoders: Sequence[TextEncoder]):
+        self.encoders = list(encoders)
+        self.max_seq_length = self.encoders[-1].max_seq_length
+
+    def encode(self, inputs: Sequence[TextInput]) -> CascadeBatch:
+        return CascadeBatch.of([encoder.encode(inputs) for encoder in self.encoders])
+
+
+def label_order(stage_labels: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Columns of a stage's probabilities in the cascade's label order."""
+    if sorted(stage_labels) != sorted(labels):
+        raise ValueError(f"labels {list(stage_labels)} are not the cascade's {list(labels)}")
+    return np.array([list(stage_labels).index(label) for label in labels])
+
+
+class CascadeEngine:
+    """The Engine interface (run, all_layer_probabilities) over a cascade bundle's stages."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest | None = None, provider: str = "cpu",
+                 intra_op_threads: int | None = None, io_binding: bool | None = None,
+                 group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest or read_manifest(self.bundle_dir)
+        if not self.manifest.stages:
+            raise ValueError(f"{self.bundle_dir} is not a cascade bundle")
+        self.num_layers = self.manifest.num_layers
+        self.intra_op_threads = intra_op_threads or cpu_quota()
+        self.provider = provider
+        self.stages = self.manifest.stages
+        # The cascade's manifest lists (and its reader verified) every stage file.
+        self.engines = [Engine(self.bundle_dir / s.path, read_manifest(self.bundle_dir / s.path, verify_files=False),
+                               provider, self.intra_op_threads, io_binding, group_call_cost_tokens)
+                        for s in self.stages]
+        self.orders = [label_order(e.manifest.labels, self.manifest.labels) for e in self.engines]
+        last = self.engines[-1]
+        self.active_provider, self.device, self.io_binding = last.active_provider, last.device, last.io_binding
+
+    def stage_manifests(self) -> list[Manifest]:
+        return [engine.manifest for engine in self.engines]
+
+    def run(self, batch: CascadeBatch, threshold: float | np.ndarray, min_layers: int | np.ndarray = 1,
+            max_layers: int | np.ndarray | None = None) -> ExitResult:
+        rows = batch.input_ids.shape[0]
+        threshold = per_row(threshold, rows, np.float32)
+        min_layers = per_row(min_layers, rows, np.int64)
+        max_layers = per_row(self.num_layers if max_layers is None else max_layers, rows, np.int64)
+        result = ExitResult(np.zeros((rows, len(self.manifest.labels)), dtype=np.float32),
+                            np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.float32))
+        waiting = np.arange(rows)  # rows no stage has answered yet
+        for stage, engine, order, encoded in zip(self.stages, self.engines, self.orders, batch.stages):
+            offset, last = stage.first_layer - 1, stage.last_layer
+            # A row that may not leave before a later stage skips this one.
+            here = waiting[min_layers[waiting] <= last] if last < self.num_layers else waiting
+            if here.size:
+                part = engine.run(encoded.rows(here), threshold[here],
+                                  np.clip(min_layers[here] - offset, 1, stage.num_layers),
+                                  np.clip(max_layers[here] - offset, 1, stage.num_layers))
+                layer = part.exit_layer + offset
+                # The stage's engine lets every row out at its last layer; the cascade's rule
+                # says which of those really leave (inside the stage the two rules agree).
+                done = exits_at(layer, self.num_layers, part.uncertainty, threshold[here],
+                                min_layers[here], max_layers[here])
+                answered = here[done]
+                result.probabilities[answered] = part.probabilities[done][:, order]
+                result.exit_layer[answered] = layer[done]
+                result.uncertainty[answered] = part.uncertainty[done]
+                waiting = np.setdiff1d(waiting, answered)
+            if not waiting.size:
+                break
+        return result
+
+    def all_layer_probabilities(self, batch: CascadeBatch) -> np.ndarray:
+        """[layers, rows, classes] of every stage's every exit, in the cascade's label order."""
+        return np.concatenate([engine.all_layer_probabilities(encoded)[:, :, order]
+                               for engine, order, encoded in zip(self.engines, self.orders, batch.stages)])
+
