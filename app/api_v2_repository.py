@@ -43,6 +43,9 @@ def model_config(request: Request, model: LoadedModel) -> dict:
             "recommended_threshold": {"string_value": str(m.recommended_threshold)},
             "max_seq_length": {"string_value": str(m.max_seq_length)},
             "exit_head": {"string_value": m.exit_head},
+            # a cascade's stages, NAME:FIRST_LAYER-LAST_LAYER in the order they run
+            **({"stages": {"string_value": ",".join(f"{s.name}:{s.first_layer}-{s.last_layer}" for s in m.stages)}}
+               if m.stages else {}),
             "request_parameters": {"string_value": ",".join(USED_PARAMETERS)},
         },
     }

@@ -68,6 +68,22 @@ def threshold_curve(layer_probs: np.ndarray, labels: np.ndarray,
     return points
 
 
+def fit_temperature(layer_probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of `labels` under every exit's
+    probabilities with their logits divided by T (Guo et al., 2017), over a log-spaced grid:
+    layer_probs is [layers, rows, classes]."""
+    log_p = np.log(np.clip(layer_probs.astype(np.float64), 1e-30, None))
+    best, best_nll = 1.0, np.inf
+    for t in np.exp(np.linspace(np.log(0.25), np.log(8.0), 241)):
+        z = log_p / t
+        z -= z.max(axis=-1, keepdims=True)
+        log_q = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        nll = -log_q[:, np.arange(len(labels)), labels].mean()
+        if nll < best_nll:
+            best, best_nll = float(t), nll
+    return best
+
+
 def recommend(points: list[CalibrationPoint], tolerance_points: float) -> float:
     """The largest threshold whose accuracy is within `tolerance_points` (percentage points)
     of full depth (threshold 0)."""

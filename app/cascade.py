@@ -5,8 +5,10 @@ A cheap model (a BiLSTM) answers the rows it is sure of; only the others go on t
 the stages, and one rule decides every exit: `app.uncertainty.exits_at` on the cascade's layer
 number, with the request's one threshold and depth bounds. So a cascade is calibrated, swept and
 served as one model, and a row's answer never depends on its batch-mates (each stage's engine
-keeps that promise, and which rows go on is decided row by row). Every stage tokenises with its
-own tokenizer: a batch carries each stage's ids.
+keeps that promise, and which rows go on is decided row by row). Each stage's exits may carry a
+temperature fitted when the cascade was built, so that the one threshold means the same
+confidence in a BiLSTM as in a transformer. Every stage tokenises with its own tokenizer: a
+batch carries each stage's ids.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class CascadeEngine:
         self.stages = self.manifest.stages
         # The cascade's manifest lists (and its reader verified) every stage file.
         self.engines = [Engine(self.bundle_dir / s.path, read_manifest(self.bundle_dir / s.path, verify_files=False),
-                               provider, self.intra_op_threads, io_binding, group_call_cost_tokens)
+                               provider, self.intra_op_threads, io_binding, group_call_cost_tokens, s.temperature)
                         for s in self.stages]
         self.orders = [label_order(e.manifest.labels, self.manifest.labels) for e in self.engines]
         last = self.engines[-1]

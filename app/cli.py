@@ -75,8 +75,12 @@ def predict(args: argparse.Namespace) -> None:
                               args.max_layers or model.manifest.num_layers)
     for text, probs, layer, u in zip(texts, result.probabilities, result.exit_layer, result.uncertainty):
         best = int(probs.argmax())
-        print(json.dumps({"text": text, "label": model.labels[best], "score": round(float(probs[best]), 4),
-                          "exit_layer": int(layer), "uncertainty": round(float(u), 4)}))
+        row = {"text": text, "label": model.labels[best], "score": round(float(probs[best]), 4),
+               "exit_layer": int(layer), "uncertainty": round(float(u), 4)}
+        stage = model.manifest.stage_of(int(layer))
+        if stage:
+            row.update(stage=stage[0].name, stage_layer=stage[1])
+        print(json.dumps(row))
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:

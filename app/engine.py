@@ -79,6 +79,7 @@ class Engine:
         intra_op_threads: int | None = None,
         io_binding: bool | None = None,
         group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS,
+        temperature: float = 1.0,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or read_manifest(self.bundle_dir)
@@ -92,6 +93,8 @@ class Engine:
         self.io_binding = self.backend.io_binding
         # None: a batch always runs as one group (the batcher, or the caller, already grouped it).
         self.group_call_cost_tokens = group_call_cost_tokens
+        # Every exit's logits are divided by it (a cascade stage's calibration; 1 elsewhere).
+        self.temperature = float(temperature)
 
     def embed(self, batch: EncodedBatch) -> np.ndarray:
         return self.backend.to_numpy(self.backend.embed(batch))
@@ -141,7 +144,7 @@ class Engine:
         for index in range(self.num_layers):
             layer = index + 1
             hidden, logits = self.backend.layer(index, hidden, mask)
-            probs = softmax(logits)
+            probs = softmax(logits / self.temperature if self.temperature != 1.0 else logits)
             u = normalized_entropy(probs)
             leaving = exits_at(
                 layer, self.num_layers, u, threshold[active], min_layers[active], max_layers[active]
@@ -169,7 +172,7 @@ class Engine:
             hidden = self.backend.embed(part)
             for layer in range(self.num_layers):
                 hidden, logits = self.backend.layer(layer, hidden, part.attention_mask)
-                out[layer, index] = softmax(logits)
+                out[layer, index] = softmax(logits / self.temperature if self.temperature != 1.0 else logits)
         return out
 
 

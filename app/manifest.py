@@ -47,6 +47,9 @@ class Stage(BaseModel):
     first_layer: int = Field(ge=1)
     exit_head: str
     max_seq_length: int
+    # Its exits' logits are divided by it, fitted at `offramp cascade` so that one threshold
+    # means one confidence in every stage (a BiLSTM is far more sure of itself than it should be).
+    temperature: float = Field(default=1.0, gt=0.0)
 
     @property
     def last_layer(self) -> int:

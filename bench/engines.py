@@ -5,8 +5,8 @@
 
 Each argument is a bundle folder with optional `:key=value` settings: `groups=none|N` (the
 engine's `group_call_cost_tokens`; none: a batch always runs whole), `provider=cpu|openvino`.
-Every configuration runs at full depth and at its bundle's recommended threshold, at each batch
-size (rows in file order), interleaved, median of the repeats; engine only (pre-tokenised, no HTTP).
+Every configuration runs at full depth, at its bundle's recommended threshold and at any
+`--thresholds`, at each batch size (rows in file order), interleaved, median of the repeats; engine only (pre-tokenised, no HTTP).
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--thresholds", default="", metavar="LIST",
+                   help="more thresholds to run every configuration at (an accuracy/speed curve per "
+                        "configuration, measured in the same run)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -62,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         for b in sizes:
             for batch in batches[b][:3]:
                 engine.run(batch, 0.0)
-        for threshold in sorted({0.0, manifest.recommended_threshold}):
+        extra = {float(t) for t in args.thresholds.split(",") if t.strip()}
+        for threshold in sorted({0.0, manifest.recommended_threshold, *extra}):
             runs.append({"config": config["label"], "threshold": threshold, "engine": engine,
+                         "recommended": manifest.recommended_threshold,
                          "batches": batches, "labels": labels, "seconds": {b: [] for b in sizes}})
     for _ in range(args.repeats):
         for run in runs:
@@ -73,12 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
                 run["seconds"][b].append(time.perf_counter() - start)
                 predictions = np.concatenate([r.probabilities.argmax(1) for r in results])
                 run["accuracy"] = float((predictions == run["labels"]).mean())
+                run["mean_exit_layer"] = float(np.concatenate([r.exit_layer for r in results]).mean())
     report = {"data": str(args.data), "threads": args.threads, "repeats": args.repeats,
               "machine": machine_info(), "runs": []}
     print(f"{'configuration':<48} | threshold | accuracy | " + " | ".join(f"rows/s b{b}" for b in sizes))
     for run in runs:
         rates = {str(b): len(run["labels"]) / statistics.median(run["seconds"][b]) for b in sizes}
         report["runs"].append({"config": run["config"], "threshold": run["threshold"],
+                               "recommended": run["threshold"] == run["recommended"],
+                               "mean_exit_layer": run["mean_exit_layer"],
                                "accuracy": run["accuracy"], "rows_per_s": rates,
                                "pass_seconds": {str(b): s for b, s in run["seconds"].items()}})
         print(f"{run['config']:<48} | {run['threshold']:9.2f} | {run['accuracy']:8.4f} | "

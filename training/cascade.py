@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from app.bundle import open_encoder, open_engine
-from app.calibration import layer_probabilities, make_batches
+from app.calibration import fit_temperature, layer_probabilities, make_batches
 from app.cascade import label_order
 from app.manifest import (MANIFEST_NAME, DataFileRecord, LayerResult, Manifest, Provenance, Stage,
                           describe_file, read_manifest, write_manifest)
@@ -72,8 +72,9 @@ def _record(path: Path, rows: int) -> DataFileRecord:
 
 def build_cascade(stage_dirs: Sequence[Path], out_dir: Path, dev: tuple[Path, list, np.ndarray],
                   calibration: tuple[Path, list, np.ndarray] | None = None, tolerance_points: float = 0.5,
-                  threads: int | None = None, command: str = "") -> Manifest:
-    """Write the cascade bundle to out_dir. `dev` and `calibration` are (file, inputs, class ids)."""
+                  threads: int | None = None, command: str = "", fit_temperatures: bool = True) -> Manifest:
+    """Write the cascade bundle to out_dir. `dev` and `calibration` are (file, inputs, class ids).
+    With fit_temperatures, each stage's temperature is fitted on the calibration rows first."""
     stage_dirs = [Path(d) for d in stage_dirs]
     manifests = check_stages(stage_dirs)
     last = manifests[-1]
@@ -99,9 +100,16 @@ def build_cascade(stage_dirs: Sequence[Path], out_dir: Path, dev: tuple[Path, li
                 teacher=last.provenance.teacher, dev=_record(dev_path, len(dev_inputs)), command=command,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 recipe={"stages": [s.name for s in stages], "tolerance_points": tolerance_points,
-                        "calibration": str(cal_path)}))
-        engine = open_engine(staged.path, manifest, intra_op_threads=threads)
+                        "calibration": str(cal_path), "stage_temperature": "fit" if fit_temperatures else "none"}))
         encoder = open_encoder(staged.path, manifest)
+        if fit_temperatures:
+            with progress.phase("stage temperatures", f"{len(cal_inputs):,} rows") as p:
+                probs = layer_probabilities(open_engine(staged.path, manifest, intra_op_threads=threads),
+                                            make_batches(encoder, cal_inputs, 64))
+                for stage in manifest.stages:
+                    stage.temperature = fit_temperature(probs[stage.first_layer - 1:stage.last_layer], cal_labels)
+                p.result = ", ".join(f"{s.name} {s.temperature:.2f}" for s in manifest.stages)
+        engine = open_engine(staged.path, manifest, intra_op_threads=threads)
         with progress.phase("dev accuracy per layer", f"{len(dev_inputs):,} rows"):
             probs = layer_probabilities(engine, make_batches(encoder, dev_inputs, 64))
         manifest.dev_results = [LayerResult(layer=i + 1, accuracy=float(acc))
@@ -135,9 +143,11 @@ def run_cascade(args) -> None:
         calibration = (args.calibration, *load_data(args.calibration, manifests[-1], columns, args.label_column))
     command = shlex.join(["offramp", *getattr(args, "argv", sys.argv[1:])])
     manifest = build_cascade(stage_dirs, args.out, (args.dev, dev_inputs, dev_labels), calibration,
-                             args.calibration_tolerance, args.threads, command)
+                             args.calibration_tolerance, args.threads, command,
+                             fit_temperatures=args.stage_temperature == "fit")
     at = next(p for p in manifest.calibration if p.threshold == manifest.recommended_threshold)
-    print(f"cascade bundle written to {args.out}: {' -> '.join(s.name for s in manifest.stages)}, "
+    print(f"cascade bundle written to {args.out}: "
+          f"{' -> '.join(f'{s.name} (T {s.temperature:.2f})' for s in manifest.stages)}, "
           f"{manifest.num_layers} layers, recommended threshold {manifest.recommended_threshold:.2f} "
           f"({100 * at.accuracy:.2f} on {'the calibration file' if calibration else 'dev'}, "
           f"full depth {100 * manifest.dev_results[-1].accuracy:.2f} on dev)")

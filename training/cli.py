@@ -348,6 +348,10 @@ def register(subparsers, train_methods: bool = True) -> None:
                          help="labelled file to fit the calibration on instead of --dev (dev is then out of sample)")
     cascade.add_argument("--calibration-tolerance", type=float, default=0.5,
                          help="recommended threshold: the largest within this many points of full depth")
+    cascade.add_argument("--stage-temperature", choices=["fit", "none"], default="fit",
+                         help="fit: each stage's exits get the temperature that best calibrates them on the "
+                              "calibration rows, so one threshold means one confidence in every stage (default); "
+                              "none: every stage's probabilities as it serves them alone")
     cascade.add_argument("--text-columns")
     cascade.add_argument("--label-column")
     cascade.add_argument("--threads", type=int, help="intra-op threads (default: CPU quota)")

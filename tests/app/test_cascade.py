@@ -13,7 +13,7 @@ from app.calibration import make_batches
 from app.cascade import CascadeBatch, CascadeEngine, label_order
 from app.manifest import ManifestError, read_manifest
 from app.registry import load_model
-from app.uncertainty import simulate_exits
+from app.uncertainty import simulate_exits, softmax
 from training.data import read_examples
 
 
@@ -49,11 +49,13 @@ def test_every_layer_is_a_stage_exit_in_order(cascade, tiny_bilstm, tiny_bundle,
     assert isinstance(batch, CascadeBatch) and len(batch.stages) == 2
     got = engine.all_layer_probabilities(batch)
     alone = []
-    for stage in (tiny_bilstm["bundle"], tiny_bundle["bundle"]):
+    for stage, fitted in zip((tiny_bilstm["bundle"], tiny_bundle["bundle"]), engine.stages):
         manifest = read_manifest(stage)
-        alone.append(open_engine(stage, manifest, intra_op_threads=1).all_layer_probabilities(
-            open_encoder(stage, manifest).encode(texts)))
-    np.testing.assert_allclose(got, np.concatenate(alone), atol=1e-6)
+        probs = open_engine(stage, manifest, intra_op_threads=1).all_layer_probabilities(
+            open_encoder(stage, manifest).encode(texts))
+        alone.append(softmax(np.log(probs) / fitted.temperature))  # each stage's own calibration
+    np.testing.assert_allclose(got, np.concatenate(alone), atol=1e-5)
+    assert any(stage.temperature != 1.0 for stage in engine.stages)  # fitted, not left at 1
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2, 0.5, 0.9, 1.0])

@@ -57,3 +57,17 @@ def test_simulate_exits_picks_the_first_confident_layer():
     assert simulate_exits(probs, 0.0)[0].tolist() == [3, 3]
     assert simulate_exits(probs, 1.0)[0].tolist() == [1, 1]
     assert simulate_exits(probs, 1.0, min_layers=2)[0].tolist() == [2, 2]
+
+
+def test_the_fitted_temperature_undoes_overconfidence():
+    from app.calibration import fit_temperature
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(20000, 3))
+    # Labels drawn from softmax(logits / 2): the logits are twice as sure as they should be.
+    true = softmax(logits / 2.0)
+    labels = np.array([rng.choice(3, p=p / p.sum()) for p in true.astype(np.float64)])
+    probs = softmax(logits)[None]
+    assert abs(fit_temperature(probs, labels) - 2.0) < 0.1
+    honest = np.array([rng.choice(3, p=p / p.sum()) for p in probs[0].astype(np.float64)])
+    assert abs(fit_temperature(probs, honest) - 1.0) < 0.06

@@ -53,6 +53,8 @@ def test_a_cascade_trained_exported_and_cascaded_serves_over_http(tiny_cascade, 
         assert v2.status_code == 200, v2.text
         exit_layer = next(o for o in v2.json()["outputs"] if o["name"] == "exit_layer")
         assert exit_layer["data"] == [layers, layers]
+        config = httpx.get(url + "/v2/models/tiny-cascade/config", timeout=10).json()
+        assert config["parameters"]["stages"]["string_value"] == f"words:1-1,tiny:2-{layers}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
