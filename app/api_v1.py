@@ -63,7 +63,8 @@ def to_response(result: Classification, return_probabilities: bool) -> PredictRe
     warnings = ([f"inputs{truncated} longer than {manifest.max_seq_length} tokens were truncated"]
                 if truncated else [])
     return PredictResponse(
-        model=result.model.name, threshold=result.threshold, predictions=predictions,
+        model=result.model.name, threshold=result.threshold, policy=result.policy, patience=result.patience,
+        predictions=predictions,
         layers_executed=rows.layers_executed, layers_full=len(predictions) * manifest.num_layers,
         warnings=warnings,
         timing_ms=Timing(tokenize=result.tokenize_s * 1e3, queue=result.queue_s * 1e3,
@@ -89,7 +90,7 @@ async def _predict(request: Request, response: Response, model: str, version: st
         count_refusal(request, model, number, "v1", exc.status)
         raise
     result = await classify_for_http(request, model, number, body.inputs, "v1", body.threshold,
-                                     body.min_layers, body.max_layers, body.timeout_ms)
+                                     body.min_layers, body.max_layers, body.timeout_ms, body.policy, body.patience)
     response.headers.update(timing_headers(result))
     return to_response(result, body.return_probabilities)
 

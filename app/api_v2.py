@@ -3,7 +3,8 @@ and other KServe clients work unchanged.
 
 Inputs: `text` (and `text_pair` for pair models), BYTES, shape [N]. Outputs: `label` BYTES [N],
 `label_id` INT64 [N], `probabilities` FP32 [N, classes], `exit_layer` INT32 [N], `uncertainty`
-FP32 [N]. Request parameters: `threshold`, `min_layers`, `max_layers`, `timeout_ms` (as in /v1),
+FP32 [N]. Request parameters: `threshold`, `min_layers`, `max_layers`, `policy`, `patience`,
+`timeout_ms` (as in /v1),
 plus Triton's `binary_data_output`, `timeout` (microseconds) and `priority` (accepted, ignored).
 
 Triton's binary tensor data extension is supported both ways: with the request header
@@ -49,6 +50,7 @@ from app.api_v2_types import (
 )
 from app.auth import require_api_key
 from app.encoding import TextInput
+from app.policies import POLICIES
 from app.registry import LoadedModel
 from app.schemas import ErrorResponse
 from app.service import (
@@ -56,6 +58,7 @@ from app.service import (
     RequestError,
     admit,
     check_inputs,
+    exit_policy,
     classify_for_http,
     count_refusal,
     find_model,
@@ -193,6 +196,8 @@ class InferRequest:
     max_layers: int | None = None
     timeout_ms: float | None = None
     outputs: list[RequestedOutput] = field(default_factory=list)
+    policy: str = "entropy"
+    patience: int | None = None
     ignored_parameters: list[str] = field(default_factory=list)  # echoed, so a typo is visible
 
 
@@ -307,6 +312,12 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
                               for k in ("min_layers", "max_layers"))
     if min_layers is not None and max_layers is not None and min_layers > max_layers:
         raise bad("parameters.min_layers", f"{min_layers} exceeds max_layers {max_layers}")
+    policy = "entropy" if parameters.get("policy") is None else parameters["policy"]
+    if policy not in POLICIES:
+        raise bad("parameters.policy", f"one of {list(POLICIES)} is required, not {policy!r}")
+    patience = parameters.get("patience")
+    if patience is not None and not (is_int(patience) and patience >= 1):
+        raise bad("parameters.patience", f"an integer >= 1 is required, not {patience!r}")
     timeout_ms = parameters.get("timeout_ms")
     if timeout_ms is not None and not (is_number(timeout_ms) and timeout_ms > 0):
         raise bad("parameters.timeout_ms", f"a positive number of milliseconds is required, not {timeout_ms!r}")
@@ -351,9 +362,10 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     outputs = parse_outputs(payload.get("outputs"), default_binary)
     ignored = sorted(str(key) for key in parameters if key not in USED_PARAMETERS)
     request = InferRequest(request_id, texts, text.field, threshold, min_layers, max_layers, timeout_ms, outputs,
-                           ignored)
+                           policy, None if patience is None else int(patience), ignored)
     try:
         check_inputs(model, texts, settings, min_layers, max_layers)
+        exit_policy(model, policy, threshold, request.patience)
     except RequestError as exc:
         raise as_v2_error(exc, request) from exc
     return request
@@ -413,7 +425,9 @@ def infer_response(result: Classification, request: InferRequest) -> Response:
     body: dict[str, Any] = {"model_name": result.model.name, "model_version": str(result.model.version)}
     if request.id is not None:
         body["id"] = request.id
-    body["parameters"] = {"threshold": result.threshold, "layers_executed": rows.layers_executed,
+    body["parameters"] = {"threshold": result.threshold, "policy": result.policy,
+                          **({"patience": result.patience} if result.patience else {}),
+                          "layers_executed": rows.layers_executed,
                           "layers_full": len(rows.exit_layer) * result.model.manifest.num_layers,
                           "mean_exit_layer": result.mean_exit_layer}
     if request.ignored_parameters:
@@ -446,7 +460,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         raise as_v2_error(exc) from exc
     try:
         result = await classify_for_http(request, name, number, parsed.texts, "v2", parsed.threshold,
-                                         parsed.min_layers, parsed.max_layers, parsed.timeout_ms)
+                                         parsed.min_layers, parsed.max_layers, parsed.timeout_ms,
+                                         parsed.policy, parsed.patience)
     except RequestError as exc:
         raise as_v2_error(exc, parsed) from exc
     return infer_response(result, parsed)

@@ -55,7 +55,9 @@ class Job:
     threshold: float
     min_layers: int
     max_layers: int
-    deadline: float | None = None  # time.monotonic() after which the answer is useless
+    deadline: float | None = None
+    policy: int = 0  # app/policies.py code; entropy
+    patience: int = 0  # time.monotonic() after which the answer is useless
     is_disconnected: Callable[[], Awaitable[bool]] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
@@ -228,9 +230,11 @@ class Batcher:
         threshold = np.array([job.threshold for job, _ in chosen], dtype=np.float32)
         min_layers = np.array([job.min_layers for job, _ in chosen], dtype=np.int64)
         max_layers = np.array([job.max_layers for job, _ in chosen], dtype=np.int64)
+        policy = np.array([job.policy for job, _ in chosen], dtype=np.int64)
+        patience = np.array([job.patience for job, _ in chosen], dtype=np.int64)
         start = time.monotonic()
         try:
-            result = await in_worker(self.engine.run, batch, threshold, min_layers, max_layers)
+            result = await in_worker(self.engine.run, batch, threshold, min_layers, max_layers, policy, patience)
         except Exception as exc:  # a failed batch fails its requests, not the worker
             log.exception("batch of %d rows failed", len(chosen))
             for job in _unique(j for j, _ in chosen):

@@ -15,7 +15,7 @@ import numpy as np
 from app.encoding import EncodedBatch, TextEncoder
 from app.engine import Engine, ExitResult
 from app.manifest import CalibrationPoint
-from app.uncertainty import simulate_exits
+from app.policies import simulate_exits
 
 
 def fine_grid(step: float) -> list[float]:

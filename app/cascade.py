@@ -2,8 +2,8 @@
 
 A cheap model (a BiLSTM) answers the rows it is sure of; only the others go on to the next stage
 (an early-exit transformer), whose own exits still apply. The layers are numbered on through
-the stages, and one rule decides every exit: `app.uncertainty.exits_at` on the cascade's layer
-number, with the request's one threshold and depth bounds. So a cascade is calibrated, swept and
+the stages, and one rule decides every exit: the request's policy (app/policies.py) on the
+cascade's layer number, with its one threshold and depth bounds. So a cascade is calibrated, swept and
 served as one model, and a row's answer never depends on its batch-mates (each stage's engine
 keeps that promise, and which rows go on is decided row by row). Each stage's exits may carry a
 temperature fitted when the cascade was built, so that the one threshold means the same
@@ -20,10 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from app.encoding import EncodedBatch, TextEncoder, TextInput
-from app.engine import GROUP_CALL_COST_TOKENS, Engine, ExitResult, per_row
+from app.engine import GROUP_CALL_COST_TOKENS, Engine, ExitResult
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
-from app.uncertainty import exits_at
+from app.policies import ENTROPY, MAX_PROB, POLICIES, ExitSettings, ExitState, step
 
 
 @dataclass
@@ -91,31 +91,40 @@ class CascadeEngine:
     def stage_manifests(self) -> list[Manifest]:
         return [engine.manifest for engine in self.engines]
 
+    # Patience counts exits in a row, and a stage boundary would reset the count.
+    policies = tuple(p for p in POLICIES if p != "patience")
+
     def run(self, batch: CascadeBatch, threshold: float | np.ndarray, min_layers: int | np.ndarray = 1,
-            max_layers: int | np.ndarray | None = None) -> ExitResult:
+            max_layers: int | np.ndarray | None = None, policy: int | np.ndarray = ENTROPY,
+            patience: int | np.ndarray = 0) -> ExitResult:
         rows = batch.input_ids.shape[0]
-        threshold = per_row(threshold, rows, np.float32)
-        min_layers = per_row(min_layers, rows, np.int64)
-        max_layers = per_row(self.num_layers if max_layers is None else max_layers, rows, np.int64)
+        settings = ExitSettings.of(rows, threshold, min_layers,
+                                   self.num_layers if max_layers is None else max_layers, policy, patience)
+        if not np.isin(settings.policy, (ENTROPY, MAX_PROB)).all():
+            raise ValueError(f"a cascade runs the policies {list(self.policies)}")
         result = ExitResult(np.zeros((rows, len(self.manifest.labels)), dtype=np.float32),
                             np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.float32))
         waiting = np.arange(rows)  # rows no stage has answered yet
         for stage, engine, order, encoded in zip(self.stages, self.engines, self.orders, batch.stages):
             offset, last = stage.first_layer - 1, stage.last_layer
             # A row that may not leave before a later stage skips this one.
-            here = waiting[min_layers[waiting] <= last] if last < self.num_layers else waiting
+            here = waiting[settings.min_layers[waiting] <= last] if last < self.num_layers else waiting
             if here.size:
-                part = engine.run(encoded.rows(here), threshold[here],
-                                  np.clip(min_layers[here] - offset, 1, stage.num_layers),
-                                  np.clip(max_layers[here] - offset, 1, stage.num_layers))
-                layer = part.exit_layer + offset
-                # The stage's engine lets every row out at its last layer; the cascade's rule
-                # says which of those really leave (inside the stage the two rules agree).
-                done = exits_at(layer, self.num_layers, part.uncertainty, threshold[here],
-                                min_layers[here], max_layers[here])
+                mine = settings.take(here)
+                part = engine.run(encoded.rows(here), mine.threshold,
+                                  np.clip(mine.min_layers - offset, 1, stage.num_layers),
+                                  np.clip(mine.max_layers - offset, 1, stage.num_layers), mine.policy)
+                # Inside the stage its engine's rule is the cascade's; at the stage's last layer the
+                # engine lets every row out, and the cascade's rule says which really leave.
+                done = part.exit_layer < stage.num_layers
+                end = ~done
+                if end.any():
+                    done[end] = step(last, self.num_layers, part.probabilities[end], mine.take(end),
+                                     ExitState.start(int(end.sum())),
+                                     engine.exit_temperature(stage.num_layers - 1))[0]
                 answered = here[done]
                 result.probabilities[answered] = part.probabilities[done][:, order]
-                result.exit_layer[answered] = layer[done]
+                result.exit_layer[answered] = part.exit_layer[done] + offset
                 result.uncertainty[answered] = part.uncertainty[done]
                 waiting = np.setdiff1d(waiting, answered)
             if not waiting.size:

@@ -21,7 +21,8 @@ from app.backends import PROVIDER_NAMES, make_backend
 from app.encoding import EncodedBatch
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
-from app.uncertainty import exits_at, normalized_entropy, softmax
+from app.policies import ENTROPY, POLICIES, ExitSettings, ExitState, step
+from app.uncertainty import softmax
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,6 @@ class ExitResult:
     @property
     def layers_executed(self) -> int:
         return int(self.exit_layer.sum())
-
-
-def per_row(value, rows: int, dtype) -> np.ndarray:
-    arr = np.asarray(value, dtype=dtype)
-    return np.full(rows, arr, dtype=dtype) if arr.ndim == 0 else arr
 
 
 def length_groups(lengths: np.ndarray, call_cost_tokens: float = GROUP_CALL_COST_TOKENS) -> list[np.ndarray]:
@@ -104,6 +100,16 @@ class Engine:
         hidden, logits = self.backend.layer(index, hidden, attention_mask)
         return self.backend.to_numpy(hidden), logits
 
+    policies = POLICIES  # the exit policies it runs (app/policies.py)
+
+    def exit_temperature(self, index: int) -> float:
+        """The max_prob policy's temperature of exit `index` (0-based)."""
+        temperatures = self.manifest.exit_temperatures
+        return float(temperatures[index]) if temperatures else 1.0
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits / self.temperature if self.temperature != 1.0 else logits)
+
     def groups(self, batch: EncodedBatch) -> list[np.ndarray]:
         if self.group_call_cost_tokens is None:
             return [np.arange(batch.input_ids.shape[0])]
@@ -115,40 +121,40 @@ class Engine:
         threshold: float | np.ndarray,
         min_layers: int | np.ndarray = 1,
         max_layers: int | np.ndarray | None = None,
+        policy: int | np.ndarray = ENTROPY,
+        patience: int | np.ndarray = 0,
     ) -> ExitResult:
+        """Every row through the layers until its own policy (app/policies.py) lets it leave."""
         rows = batch.input_ids.shape[0]
-        threshold = per_row(threshold, rows, np.float32)
-        min_layers = per_row(min_layers, rows, np.int64)
-        max_layers = per_row(self.num_layers if max_layers is None else max_layers, rows, np.int64)
+        settings = ExitSettings.of(rows, threshold, min_layers,
+                                   self.num_layers if max_layers is None else max_layers, policy, patience)
         groups = self.groups(batch)
         if len(groups) == 1:
-            return self._run_group(batch, threshold, min_layers, max_layers)
+            return self._run_group(batch, settings)
         result = ExitResult(np.zeros((rows, len(self.manifest.labels)), dtype=np.float32),
                             np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.float32))
         for index in groups:
-            part = self._run_group(batch.rows(index), threshold[index], min_layers[index], max_layers[index])
+            part = self._run_group(batch.rows(index), settings.take(index))
             result.probabilities[index] = part.probabilities
             result.exit_layer[index] = part.exit_layer
             result.uncertainty[index] = part.uncertainty
         return result
 
-    def _run_group(self, batch: EncodedBatch, threshold: np.ndarray, min_layers: np.ndarray,
-                   max_layers: np.ndarray) -> ExitResult:
+    def _run_group(self, batch: EncodedBatch, settings: ExitSettings) -> ExitResult:
         rows = batch.input_ids.shape[0]
         probabilities = np.zeros((rows, len(self.manifest.labels)), dtype=np.float32)
         exit_layer = np.zeros(rows, dtype=np.int64)
         uncertainty = np.zeros(rows, dtype=np.float32)
 
         active = np.arange(rows)  # original row index of each row still running
+        state = ExitState.start(rows)
         hidden, mask = self.backend.embed(batch), batch.attention_mask
         for index in range(self.num_layers):
             layer = index + 1
             hidden, logits = self.backend.layer(index, hidden, mask)
-            probs = softmax(logits / self.temperature if self.temperature != 1.0 else logits)
-            u = normalized_entropy(probs)
-            leaving = exits_at(
-                layer, self.num_layers, u, threshold[active], min_layers[active], max_layers[active]
-            )
+            probs = self.probabilities(logits)
+            leaving, u, state = step(layer, self.num_layers, probs, settings.take(active), state,
+                                     self.exit_temperature(index))
             if leaving.any():
                 done = active[leaving]
                 probabilities[done] = probs[leaving]
@@ -158,6 +164,7 @@ class Engine:
                 if not staying.any():
                     break
                 active = active[staying]
+                state = state.take(staying)
                 longest = int(mask[staying].sum(axis=1).max())
                 hidden = self.backend.select(hidden, staying, longest)
                 mask = mask[staying, :longest]
@@ -172,7 +179,7 @@ class Engine:
             hidden = self.backend.embed(part)
             for layer in range(self.num_layers):
                 hidden, logits = self.backend.layer(layer, hidden, part.attention_mask)
-                out[layer, index] = softmax(logits / self.temperature if self.temperature != 1.0 else logits)
+                out[layer, index] = self.probabilities(logits)
         return out
 
 

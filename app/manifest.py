@@ -124,6 +124,9 @@ class Manifest(BaseModel):
     exit_head: str
     teacher_head: str | None = None
     uncertainty: Literal["normalized_entropy"] = "normalized_entropy"
+    # Per exit, the temperature that calibrates its probabilities for the max_prob policy
+    # (app/policies.py); none: 1 for every exit.
+    exit_temperatures: list[float] | None = None
     recommended_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     tokenizer: str = "tokenizer.json"
     graphs: Graphs | None = None  # a single bundle's graphs; a cascade has stages instead

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
@@ -34,6 +34,12 @@ class PredictRequest(BaseModel):
                     "default: the model's recommended threshold")
     min_layers: LayerCount | None = Field(default=None, description="no exit before this layer")
     max_layers: LayerCount | None = Field(default=None, description="always exit at this layer")
+    policy: Literal["entropy", "max_prob", "patience"] = Field(
+        default="entropy", description="exit rule (docs/serving.md): entropy (FastBERT), max_prob (calibrated "
+                                       "top probability), patience (PABEE; with a threshold, PCEE-BERT)")
+    patience: LayerCount | None = Field(
+        default=None, description="policy patience: consecutive exits that must agree (or, with a threshold, "
+                                  "be confident) before a row leaves")
     return_probabilities: bool = False
     timeout_ms: float | None = Field(default=None, gt=0, description="deadline: 504 instead of a late answer")
 
@@ -60,7 +66,9 @@ class Timing(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
-    threshold: float
+    threshold: float | None = Field(description="the threshold used; none for patience alone")
+    policy: str = "entropy"
+    patience: int | None = None
     predictions: list[Prediction]
     layers_executed: int = Field(description="layers run, summed over rows")
     layers_full: int = Field(description="layers a full-depth run would take: rows x layers")

@@ -18,6 +18,7 @@ import numpy as np
 from app.batcher import Job
 from app.encoding import EncodedBatch, TextInput
 from app.engine import ExitResult
+from app.policies import policy_code
 from app.registry import LoadedModel
 from app.settings import Settings
 
@@ -35,13 +36,15 @@ class RequestError(Exception):
 @dataclass
 class Classification:
     model: LoadedModel
-    threshold: float
+    threshold: float | None  # None: a policy that reads none (patience alone)
     batch: EncodedBatch
     result: ExitResult
     tokenize_s: float
     queue_s: float
     inference_s: float
     total_s: float
+    policy: str = "entropy"
+    patience: int | None = None
 
     @property
     def mean_exit_layer(self) -> float:
@@ -112,6 +115,28 @@ async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: 
     return batch
 
 
+def exit_policy(model: LoadedModel, policy: str, threshold: float | None,
+                patience: int | None) -> tuple[int, float | None, int]:
+    """(policy code, threshold, patience) of a request, its defaults filled in from the model."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise RequestError(422, "threshold", f"{threshold} is outside [0, 1]")
+    if policy not in model.engine.policies:
+        raise RequestError(422, "policy", f"{policy!r} is not one of model {model.name!r}'s policies "
+                           f"{list(model.engine.policies)}")
+    if policy == "patience":
+        if patience is None:
+            raise RequestError(422, "patience", "policy patience needs a patience (consecutive exits, >= 1)")
+        if patience > model.manifest.num_layers:
+            raise RequestError(422, "patience", f"{patience} is more than the model's {model.manifest.num_layers} exits")
+    elif patience is not None:
+        raise RequestError(422, "patience", "only with policy patience")
+    if threshold is None and policy == "entropy":
+        threshold = model.manifest.recommended_threshold
+    if threshold is None and policy == "max_prob":
+        raise RequestError(422, "threshold", f"model {model.name!r} has no calibrated max_prob threshold: give one")
+    return policy_code(policy, threshold), threshold, patience or 0
+
+
 async def classify(
     model: LoadedModel,
     inputs: Sequence[TextInput],
@@ -121,29 +146,29 @@ async def classify(
     max_layers: int | None = None,
     timeout_ms: float | None = None,
     is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    policy: str = "entropy",
+    patience: int | None = None,
 ) -> Classification:
     """Admission first (cheap counts, then room in the queue, held while tokenising), so a
     request that will be refused costs next to nothing."""
     start = time.monotonic()
     characters = check_inputs(model, inputs, settings, min_layers, max_layers)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise RequestError(422, "threshold", f"{threshold} is outside [0, 1]")
+    code, threshold, patience_count = exit_policy(model, policy, threshold, patience)
     manifest = model.manifest
-    threshold = manifest.recommended_threshold if threshold is None else float(threshold)
     reservation = model.batcher.reserve(len(inputs))
     try:
         batch = await tokenize(model, inputs, characters)
         tokenized = time.monotonic()
         timeout_ms = timeout_ms or settings.default_timeout_ms
-        job = Job(batch, threshold, min_layers or 1, max_layers or manifest.num_layers,
-                  deadline=start + timeout_ms / 1000 if timeout_ms else None,
-                  is_disconnected=is_disconnected)
+        job = Job(batch, 0.0 if threshold is None else threshold, min_layers or 1,
+                  max_layers or manifest.num_layers, deadline=start + timeout_ms / 1000 if timeout_ms else None,
+                  is_disconnected=is_disconnected, policy=code, patience=patience_count)
         result = await model.batcher.submit(job, reservation)
     finally:
         reservation.release()
     done = time.monotonic()
     return Classification(model, threshold, batch, result, tokenized - start, job.queue_s,
-                          job.inference_s, done - start)
+                          job.inference_s, done - start, policy, patience)
 
 
 def find_model(registry, name: str, version: int | None) -> LoadedModel:
@@ -203,7 +228,8 @@ def admit(request, model_name: str, version: int | None, protocol: str) -> None:
 
 async def classify_for_http(request, model_name: str, version: int | None, inputs: Sequence[TextInput],
                             protocol: str, threshold: float | None = None, min_layers: int | None = None,
-                            max_layers: int | None = None, timeout_ms: float | None = None) -> Classification:
+                            max_layers: int | None = None, timeout_ms: float | None = None,
+                            policy: str = "entropy", patience: int | None = None) -> Classification:
     """classify() for an HTTP request: model lookup, queue and deadline errors as RequestError,
     metrics and one structured log line per request. A request that picked a version while
     it was being replaced goes to its successor rather than being refused."""
@@ -219,7 +245,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
         for attempt in range(RETRIES_ON_RETIRED_VERSION + 1):
             try:
                 work = classify(model, inputs, settings, threshold, min_layers, max_layers, timeout_ms,
-                                request.is_disconnected)
+                                request.is_disconnected, policy, patience)
                 result = await (asyncio.wait_for(work, timeout_ms / 1000) if timeout_ms else work)
                 break
             except QueueFull as exc:
@@ -243,7 +269,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
         metrics.count_request(model_name, registry, protocol, status)
     metrics.observe_request(model.name, model.version, result.total_s, ok=True)
     entry = {"event": "predict", "protocol": protocol, "model": model.name, "version": model.version,
-             "rows": len(inputs), "threshold": result.threshold,
+             "rows": len(inputs), "threshold": result.threshold, "policy": result.policy,
              "exit_layers": result.result.exit_layer.tolist(), "tokenize_ms": round(result.tokenize_s * 1e3, 3),
              "queue_ms": round(result.queue_s * 1e3, 3), "inference_ms": round(result.inference_s * 1e3, 3),
              "total_ms": round(result.total_s * 1e3, 3)}

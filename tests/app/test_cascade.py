@@ -13,7 +13,8 @@ from app.calibration import make_batches
 from app.cascade import CascadeBatch, CascadeEngine, label_order
 from app.manifest import ManifestError, read_manifest
 from app.registry import load_model
-from app.uncertainty import simulate_exits, softmax
+from app.policies import simulate_exits
+from app.uncertainty import softmax
 from training.data import read_examples
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from app.engine import Engine
 from app.registry import load_model
-from app.uncertainty import simulate_exits
+from app.policies import simulate_exits
 from training.data import read_examples
 
 TEXTS = ["a gripping , beautifully acted film", "dull", "it 's not that the movie is bad , "

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from app.uncertainty import exits_at, normalized_entropy, simulate_exits, softmax
+from app.policies import ExitSettings, ExitState, simulate_exits, step
+from app.uncertainty import normalized_entropy, softmax
 
 
 def test_entropy_extremes_and_a_worked_value():
@@ -28,20 +29,25 @@ def test_softmax_rows_sum_to_one_and_survive_large_logits():
     assert p[0, 0] == pytest.approx(1.0)
 
 
+PROBS = np.array([[0.99, 0.01], [0.85, 0.15], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)  # U 0.08, 0.61, 0.97, 1
+
+
+def exits_at(layer, num_layers, threshold, min_layers, max_layers):
+    settings = ExitSettings.of(4, threshold, min_layers, max_layers)
+    return step(layer, num_layers, PROBS, settings, ExitState.start(4))[0]
+
+
 def test_exit_rule():
-    u = np.array([0.1, 0.5, 0.9, 1.0], dtype=np.float32)
-    ones = np.ones(4, dtype=np.int64)
-    six = np.full(4, 6)
-    thr = np.full(4, 0.5, dtype=np.float32)
-    assert exits_at(1, 6, u, thr, ones, six).tolist() == [True, False, False, False]
+    assert exits_at(1, 6, 0.5, 1, 6).tolist() == [True, False, False, False]
+    assert exits_at(1, 6, 0.65, 1, 6).tolist() == [True, True, False, False]
     # threshold 0: nobody leaves before the last layer; at the last layer everyone does
-    assert not exits_at(3, 6, u, np.zeros(4, np.float32), ones, six).any()
-    assert exits_at(6, 6, u, np.zeros(4, np.float32), ones, six).all()
+    assert not exits_at(3, 6, 0.0, 1, 6).any()
+    assert exits_at(6, 6, 0.0, 1, 6).all()
     # threshold 1 means the first exit, even for U exactly 1
-    assert exits_at(1, 6, u, np.ones(4, np.float32), ones, six).all()
+    assert exits_at(1, 6, 1.0, 1, 6).all()
     # depth bounds
-    assert not exits_at(1, 6, u, np.ones(4, np.float32), np.full(4, 2), six).any()
-    assert exits_at(2, 6, u, np.zeros(4, np.float32), ones, np.full(4, 2)).all()
+    assert not exits_at(1, 6, 1.0, 2, 6).any()
+    assert exits_at(2, 6, 0.0, 1, 2).all()
 
 
 def test_simulate_exits_picks_the_first_confident_layer():

@@ -16,7 +16,8 @@ import pytest
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import read_manifest
-from app.uncertainty import normalized_entropy, simulate_exits
+from app.policies import simulate_exits
+from app.uncertainty import normalized_entropy
 from bench.report import (
     BenchError,
     format_table,

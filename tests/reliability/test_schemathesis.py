@@ -158,13 +158,18 @@ def unauthorized(ctx, response, case):
 OWN_CHECKS = [one_error_shape, no_unasked_server_error]
 
 # /v1's PredictRequest is one schema for every model, so schema-valid inputs can still not fit
-# the model served: pairs sent to a single-text model, layer bounds beyond its depth, or a text
-# its tokenizer makes no token of. The server refuses those with a 422 naming the field, as
+# the model served: pairs sent to a single-text model, layer bounds beyond its depth, a text
+# its tokenizer makes no token of, or exit settings that do not go together (a patience without
+# the patience policy, a policy the model does not run, max_prob with no threshold on a model
+# that has no calibrated one). The server refuses those with a 422 naming the field, as
 # documented (app/service.py check_inputs): no failure of the schema. Nothing else is excused:
 # a 422 from parsing (a schema-valid value the parser refuses) still fails.
 MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"inputs\[\d+\]"), ("takes single texts", "takes [text, text_pair] pairs", "text is blank")),
     (re.compile(r"(min|max)_layers"), ("is outside the model's layers", "exceeds max_layers")),
+    (re.compile(r"patience"), ("only with policy patience", "needs a patience", "more than the model's")),
+    (re.compile(r"policy"), ("is not one of model",)),
+    (re.compile(r"threshold"), ("no calibrated max_prob threshold",)),
 )
 # /v2's infer schema cannot say either that a tensor's shape counts its data, that the inputs are
 # the model's (text_pair only for pair models, each once; outputs too), or the model's depth: the same kind
@@ -176,6 +181,9 @@ V2_MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"inputs"), ("needs the input",)),
     (re.compile(r"inputs\[\d+\](\.data\[\d+\])?"), ("text is blank",)),
     (re.compile(r"parameters\.(min|max)_layers"), ("in the model's layers", "exceeds max_layers")),
+    (re.compile(r"parameters\.patience"), ("only with policy patience", "needs a patience", "more than the model's")),
+    (re.compile(r"parameters\.policy"), ("is not one of model",)),
+    (re.compile(r"parameters\.threshold"), ("no calibrated max_prob threshold",)),
 )
 
 

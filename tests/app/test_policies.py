@@ -1,0 +1,142 @@
+"""Exit policies (app/policies.py): each against a hand-worked example, in the engine with rows
+independent of their batch, and on both protocols."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.policies import (CONFIDENT_PATIENCE, ENTROPY, MAX_PROB, PATIENCE, ExitSettings, ExitState, simulate,
+                          simulate_exits, step, top_probability_uncertainty)
+from app.registry import load_model
+from app.server import create_app
+from app.settings import Settings
+from training.data import read_examples
+
+
+def _layers(*rows_per_layer) -> np.ndarray:
+    return np.array(rows_per_layer, dtype=np.float32)  # [layers, rows, classes]
+
+
+def test_patience_leaves_once_the_prediction_has_held_for_patience_exits():
+    # predictions by exit: 0, 1, 1, 1, 0, 0 (the second exit changes its mind, then three agree)
+    p = [[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.3, 0.7], [0.8, 0.2], [0.6, 0.4]]
+    probs = _layers(*[[row] for row in p])
+    assert simulate_exits(probs, 0.0, policy=PATIENCE, patience=1)[0].tolist() == [3]
+    assert simulate_exits(probs, 0.0, policy=PATIENCE, patience=2)[0].tolist() == [4]
+    assert simulate_exits(probs, 0.0, policy=PATIENCE, patience=3)[0].tolist() == [6]  # never: the last exit
+    # the threshold is not read without it: patience alone ignores confidence
+    assert simulate_exits(probs, 1.0, policy=PATIENCE, patience=2)[0].tolist() == [4]
+    # the streak reached 2 at exit 4, before min_layers 5; the prediction then changed at 5
+    exit_layer, final = simulate_exits(probs, 0.0, policy=PATIENCE, patience=2, min_layers=5)
+    assert exit_layer.tolist() == [6] and final[0].tolist() == pytest.approx([0.6, 0.4])
+
+
+def test_patience_with_a_threshold_counts_confident_exits_in_a_row():
+    # normalised entropies by exit: 0.47 (confident at 0.5), 0.97, 0.29, 0.24, 0.08
+    p = [[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.96, 0.04], [0.99, 0.01]]
+    probs = _layers(*[[row] for row in p])
+    assert simulate_exits(probs, 0.5, policy=CONFIDENT_PATIENCE, patience=2)[0].tolist() == [4]
+    assert simulate_exits(probs, 0.5, policy=CONFIDENT_PATIENCE, patience=1)[0].tolist() == [1]
+    assert simulate_exits(probs, 0.5, policy=ENTROPY)[0].tolist() == [1]
+    assert simulate_exits(probs, 0.25, policy=CONFIDENT_PATIENCE, patience=2)[0].tolist() == [5]
+
+
+def test_max_prob_reads_the_calibrated_top_probability_on_the_entropy_scale():
+    probs = np.array([[0.7, 0.3]], dtype=np.float32)
+    assert top_probability_uncertainty(probs)[0] == pytest.approx(0.6)  # (1 - 0.7) / (1 - 1/2)
+    # temperature 2: sqrt(0.7) : sqrt(0.3) = 0.604 : 0.396, so 0.792
+    assert top_probability_uncertainty(probs, 2.0)[0] == pytest.approx(0.792, abs=1e-3)
+    settings = ExitSettings.of(1, 0.65, 1, 6, MAX_PROB)
+    assert step(1, 6, probs, settings, ExitState.start(1), 1.0)[0].tolist() == [True]
+    assert step(1, 6, probs, settings, ExitState.start(1), 2.0)[0].tolist() == [False]
+    three = _layers([[0.5, 0.3, 0.2]], [[0.8, 0.1, 0.1]])
+    # U = (1 - 0.5) / (2/3) = 0.75 at the first exit, 0.3 at the second
+    assert simulate_exits(three, 0.5, policy=MAX_PROB)[0].tolist() == [2]
+    assert simulate_exits(three, 0.8, policy=MAX_PROB)[0].tolist() == [1]
+    assert simulate_exits(three, 0.5, policy=MAX_PROB, temperatures=[1.0, 4.0])[0].tolist() == [2]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load_model(tiny_bundle["bundle"])
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_bundle):
+    return [e.text for e in read_examples(tiny_bundle["dev"]).examples][:24]
+
+
+@pytest.mark.parametrize("policy,threshold,patience", [(PATIENCE, 0.0, 1), (CONFIDENT_PATIENCE, 0.6, 2),
+                                                       (MAX_PROB, 0.4, 0), (ENTROPY, 0.4, 0)])
+def test_the_engine_runs_each_policy_as_simulated(model, texts, policy, threshold, patience):
+    batch = model.encoder.encode(texts)
+    layer_probs = model.engine.all_layer_probabilities(batch)
+    expected, probs = simulate(layer_probs, ExitSettings.of(len(texts), threshold, 1, 3, policy, patience))
+    result = model.engine.run(batch, threshold, policy=policy, patience=patience)
+    np.testing.assert_array_equal(result.exit_layer, expected)
+    np.testing.assert_allclose(result.probabilities, probs, atol=1e-5)
+
+
+def test_rows_of_different_policies_in_one_batch_answer_as_alone(model, texts):
+    rng = np.random.default_rng(1)
+    n = len(texts)
+    policy = rng.integers(0, 4, n)
+    threshold = rng.uniform(0, 1, n).astype(np.float32)
+    patience = np.where(np.isin(policy, (PATIENCE, CONFIDENT_PATIENCE)), rng.integers(1, 3, n), 0)
+    together = model.engine.run(model.encoder.encode(texts), threshold, 1, None, policy, patience)
+    assert len(set(together.exit_layer.tolist())) > 1
+    for i in range(n):
+        alone = model.engine.run(model.encoder.encode([texts[i]]), threshold[i], 1, None, policy[i], patience[i])
+        assert alone.exit_layer[0] == together.exit_layer[i]
+        np.testing.assert_allclose(alone.probabilities[0], together.probabilities[i], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle, tiny_cascade, tmp_path_factory):
+    models = tmp_path_factory.mktemp("policy-models")
+    (models / "tiny").symlink_to(tiny_bundle["bundle"])
+    (models / "cascade").symlink_to(tiny_cascade)
+    with TestClient(create_app(Settings(model_dir=models))) as c:
+        yield c
+
+
+def _post(client, model="tiny", **body):
+    return client.post(f"/v1/models/{model}/predict", json={"inputs": ["a fine film", "dull"], **body})
+
+
+def test_policies_on_v1_and_their_refusals(client):
+    body = _post(client, policy="patience", patience=1).json()
+    assert body["policy"] == "patience" and body["patience"] == 1 and body.get("threshold") is None
+    assert all(p["exit_layer"] >= 2 for p in body["predictions"])  # one agreeing exit after the first
+    assert _post(client, policy="patience", patience=1, threshold=0.3).json()["threshold"] == 0.3
+    assert _post(client, policy="max_prob", threshold=1.0).json()["predictions"][0]["exit_layer"] == 1
+    assert _post(client).json()["policy"] == "entropy"
+    for body, field in (({"policy": "patience"}, "patience"), ({"patience": 2}, "patience"),
+                        ({"policy": "patience", "patience": 9}, "patience"), ({"policy": "max_prob"}, "threshold"),
+                        ({"policy": "greedy"}, "policy")):
+        response = _post(client, **body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["field"] == field, body
+    refused = _post(client, "cascade", policy="patience", patience=1)
+    assert refused.status_code == 422 and refused.json()["field"] == "policy"
+    assert _post(client, "cascade", policy="max_prob", threshold=1.0).json()["predictions"][0]["exit_layer"] == 1
+
+
+def test_policies_on_v2(client):
+    def infer(**parameters):
+        return client.post("/v2/models/tiny/infer", json={
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a fine film"]}],
+            "parameters": parameters})
+
+    answer = infer(policy="patience", patience=1)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["parameters"]["policy"] == "patience"
+    exit_layer = next(o for o in answer.json()["outputs"] if o["name"] == "exit_layer")["data"][0]
+    assert exit_layer >= 2
+    for parameters, field in (({"policy": "patience"}, "parameters.patience"),
+                              ({"policy": "nope"}, "parameters.policy"),
+                              ({"patience": 0, "policy": "patience"}, "parameters.patience")):
+        refused = infer(**parameters)
+        assert refused.status_code == 400 and refused.json()["field"] == field, refused.text
