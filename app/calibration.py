@@ -14,8 +14,8 @@ import numpy as np
 
 from app.encoding import EncodedBatch, TextEncoder
 from app.engine import Engine, ExitResult
-from app.manifest import CalibrationPoint
-from app.policies import simulate_exits
+from app.manifest import CalibrationPoint, Manifest, PolicyCalibration
+from app.policies import MAX_PROB, PATIENCE, simulate_exits
 
 
 def fine_grid(step: float) -> list[float]:
@@ -33,10 +33,11 @@ def layer_probabilities(engine: Engine, batches: list[EncodedBatch]) -> np.ndarr
 
 
 def run_batches(engine: Engine, batches: list[EncodedBatch], threshold: float,
-                min_layers: int = 1, max_layers: int | None = None) -> tuple[ExitResult, float]:
+                min_layers: int = 1, max_layers: int | None = None, policy: int = 0,
+                patience: int = 0) -> tuple[ExitResult, float]:
     """All batches through engine.run; returns the concatenated result and the wall time."""
     start = time.perf_counter()
-    results = [engine.run(b, threshold, min_layers, max_layers) for b in batches]
+    results = [engine.run(b, threshold, min_layers, max_layers, policy, patience) for b in batches]
     seconds = time.perf_counter() - start
     return ExitResult(
         np.concatenate([r.probabilities for r in results]),
@@ -52,12 +53,12 @@ def timed_run(engine: Engine, batches: list[EncodedBatch], threshold: float,
     return runs[0][0], min(seconds for _, seconds in runs)
 
 
-def threshold_curve(layer_probs: np.ndarray, labels: np.ndarray,
-                    thresholds: Sequence[float]) -> list[CalibrationPoint]:
+def threshold_curve(layer_probs: np.ndarray, labels: np.ndarray, thresholds: Sequence[float],
+                    policy: int = 0, temperatures: list[float] | None = None) -> list[CalibrationPoint]:
     num_layers = layer_probs.shape[0]
     points = []
     for threshold in thresholds:
-        exit_layer, probs = simulate_exits(layer_probs, threshold)
+        exit_layer, probs = simulate_exits(layer_probs, threshold, policy=policy, temperatures=temperatures)
         mean_exit = float(exit_layer.mean())
         points.append(CalibrationPoint(
             threshold=float(threshold),
@@ -66,6 +67,59 @@ def threshold_curve(layer_probs: np.ndarray, labels: np.ndarray,
             ideal_speedup=num_layers / mean_exit,
         ))
     return points
+
+
+def patience_curve(layer_probs: np.ndarray, labels: np.ndarray) -> list[CalibrationPoint]:
+    """PABEE at every patience the model has room for (1 .. layers - 1), and full depth."""
+    num_layers = layer_probs.shape[0]
+    points = []
+    for patience in range(1, num_layers):
+        exit_layer, probs = simulate_exits(layer_probs, 0.0, policy=PATIENCE, patience=patience)
+        points.append(CalibrationPoint(threshold=None, patience=patience,
+                                       accuracy=float((probs.argmax(axis=1) == labels).mean()),
+                                       mean_exit_layer=float(exit_layer.mean()),
+                                       ideal_speedup=num_layers / float(exit_layer.mean())))
+    return points
+
+
+def exit_temperatures(layer_probs: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Each exit's own temperature (for the max_prob policy)."""
+    return [fit_temperature(layer_probs[i:i + 1], labels) for i in range(layer_probs.shape[0])]
+
+
+def calibrate_policies(engine: Engine, batches: list[EncodedBatch], layer_probs: np.ndarray,
+                       labels: np.ndarray, tolerance_points: float, step: float = 0.01,
+                       repeats: int = 3) -> tuple[list[float] | None, dict[str, PolicyCalibration]]:
+    """Exit temperatures (set on the engine's manifest) and the max_prob and patience tables (of
+    those the engine runs), each with its recommended setting: the fastest within
+    `tolerance_points` of full depth, its speed measured against full depth through the engine."""
+    full_accuracy = float((layer_probs[-1].argmax(-1) == labels).mean())
+    full_seconds = timed_run(engine, batches, 0.0, repeats)[1]
+    within = lambda p: (full_accuracy - p.accuracy) * 100 <= tolerance_points + 1e-9  # noqa: E731
+    temperatures, policies = None, {}
+    if "max_prob" in engine.policies:
+        # A cascade's stages carry their own temperatures (its manifest's stage temperatures).
+        temperatures = None if engine.manifest.stages else exit_temperatures(layer_probs, labels)
+        engine.manifest.exit_temperatures = temperatures  # what the timed runs below read
+        points = threshold_curve(layer_probs, labels, fine_grid(step), MAX_PROB, temperatures)
+        best = max((p for p in points if within(p)), key=lambda p: p.threshold)
+        policies["max_prob"] = PolicyCalibration(points=points, recommended_threshold=best.threshold)
+    if "patience" in engine.policies and layer_probs.shape[0] > 1:
+        points = patience_curve(layer_probs, labels)
+        fitting = [p for p in points if within(p)]
+        best = min(fitting, key=lambda p: p.patience) if fitting else None
+        policies["patience"] = PolicyCalibration(points=points,
+                                                 recommended_patience=best.patience if best else None)
+    for name, table in policies.items():
+        setting = (table.recommended_threshold, table.recommended_patience)
+        point = next((p for p in table.points if (p.threshold, p.patience) == setting), None)
+        if point is not None:
+            policy = MAX_PROB if name == "max_prob" else PATIENCE
+            seconds = min(run_batches(engine, batches, point.threshold or 0.0, policy=policy,
+                                      patience=point.patience or 0)[1] for _ in range(repeats))
+            point.measured_speedup = full_seconds / seconds
+    return temperatures, policies
+
 
 
 def fit_temperature(layer_probs: np.ndarray, labels: np.ndarray) -> float:
@@ -94,13 +148,20 @@ def recommend(points: list[CalibrationPoint], tolerance_points: float) -> float:
 
 def calibrate(engine: Engine, encoder: TextEncoder, inputs: Sequence, labels: np.ndarray,
               tolerance_points: float = 0.5, step: float = 0.01, timed_step: float = 0.05,
-              batch_size: int = 32, repeats: int = 3) -> tuple[list[CalibrationPoint], float]:
+              batch_size: int = 32, repeats: int = 3,
+              manifest: Manifest | None = None) -> tuple[list[CalibrationPoint], float]:
     """Calibration table on a labelled dev set, and the recommended threshold.
 
     Accuracy and exit depth on a fine grid come from one full-depth pass; speed is measured by
-    really running the engine at every `timed_step` threshold and at the recommended one."""
+    really running the engine at every `timed_step` threshold and at the recommended one. Given
+    the `manifest` being written, its other policies' tables (and the exit temperatures the
+    max_prob policy reads) are filled in from the same pass."""
     batches = make_batches(encoder, inputs, batch_size)
-    points = threshold_curve(layer_probabilities(engine, batches), labels, fine_grid(step))
+    layer_probs = layer_probabilities(engine, batches)
+    if manifest is not None:
+        manifest.exit_temperatures, manifest.policies = calibrate_policies(
+            engine, batches, layer_probs, labels, tolerance_points, step, repeats)
+    points = threshold_curve(layer_probs, labels, fine_grid(step))
     recommended = recommend(points, tolerance_points)
     timed = set(fine_grid(timed_step)) | {recommended, 0.0}
     seconds = {p.threshold: timed_run(engine, batches, p.threshold, repeats)[1]

@@ -85,6 +85,8 @@ class CascadeEngine:
                                provider, self.intra_op_threads, io_binding, group_call_cost_tokens, s.temperature)
                         for s in self.stages]
         self.orders = [label_order(e.manifest.labels, self.manifest.labels) for e in self.engines]
+        for engine in self.engines:  # the stage temperatures calibrate a cascade's exits, for every policy
+            engine.manifest.exit_temperatures = None
         last = self.engines[-1]
         self.active_provider, self.device, self.io_binding = last.active_provider, last.device, last.io_binding
 

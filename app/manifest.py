@@ -94,11 +94,21 @@ class Verification(BaseModel):
 
 
 class CalibrationPoint(BaseModel):
-    threshold: float
+    threshold: float | None  # None: patience alone reads no threshold
+    patience: int | None = None
     accuracy: float
     mean_exit_layer: float
     ideal_speedup: float
     measured_speedup: float | None = None
+
+
+class PolicyCalibration(BaseModel):
+    """The calibration table of one exit policy other than the default (entropy, whose table is
+    the manifest's `calibration`) and the setting requests of that policy get by default."""
+
+    points: list[CalibrationPoint]
+    recommended_threshold: float | None = None
+    recommended_patience: int | None = None
 
 
 class QuantizationReport(BaseModel):
@@ -137,6 +147,10 @@ class Manifest(BaseModel):
     dev_results: list[LayerResult] = Field(default_factory=list)
     verification: Verification | None = None
     calibration: list[CalibrationPoint] = Field(default_factory=list)
+    # max_prob and patience (app/policies.py), fitted on the same rows as `calibration`
+    policies: dict[str, PolicyCalibration] = Field(default_factory=dict)
+    # The rows the calibration was fitted on: evaluation on other rows is out of sample.
+    calibration_data: DataFileRecord | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

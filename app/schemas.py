@@ -66,7 +66,7 @@ class Timing(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
-    threshold: float | None = Field(description="the threshold used; none for patience alone")
+    threshold: float | None = Field(default=None, description="the threshold used; none for patience alone")
     policy: str = "entropy"
     patience: int | None = None
     predictions: list[Prediction]

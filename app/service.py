@@ -123,15 +123,21 @@ def exit_policy(model: LoadedModel, policy: str, threshold: float | None,
     if policy not in model.engine.policies:
         raise RequestError(422, "policy", f"{policy!r} is not one of model {model.name!r}'s policies "
                            f"{list(model.engine.policies)}")
+    calibrated = model.manifest.policies.get(policy)
     if policy == "patience":
+        if patience is None and threshold is None and calibrated is not None:
+            patience = calibrated.recommended_patience
         if patience is None:
-            raise RequestError(422, "patience", "policy patience needs a patience (consecutive exits, >= 1)")
+            raise RequestError(422, "patience", "policy patience needs a patience (consecutive exits, >= 1): "
+                               f"model {model.name!r} has no calibrated one")
         if patience > model.manifest.num_layers:
             raise RequestError(422, "patience", f"{patience} is more than the model's {model.manifest.num_layers} exits")
     elif patience is not None:
         raise RequestError(422, "patience", "only with policy patience")
     if threshold is None and policy == "entropy":
         threshold = model.manifest.recommended_threshold
+    if threshold is None and policy == "max_prob" and calibrated is not None:
+        threshold = calibrated.recommended_threshold
     if threshold is None and policy == "max_prob":
         raise RequestError(422, "threshold", f"model {model.name!r} has no calibrated max_prob threshold: give one")
     return policy_code(policy, threshold), threshold, patience or 0
@@ -168,7 +174,7 @@ async def classify(
         reservation.release()
     done = time.monotonic()
     return Classification(model, threshold, batch, result, tokenized - start, job.queue_s,
-                          job.inference_s, done - start, policy, patience)
+                          job.inference_s, done - start, policy, patience_count if policy == "patience" else None)
 
 
 def find_model(registry, name: str, version: int | None) -> LoadedModel:

@@ -117,6 +117,7 @@ def build_cascade(stage_dirs: Sequence[Path], out_dir: Path, dev: tuple[Path, li
         manifest.calibration, manifest.recommended_threshold = progress.calibrate(
             engine, encoder, cal_inputs, cal_labels, tolerance_points,
             name="calibration sweep" if calibration else "dev calibration sweep")
+        manifest.calibration_data = _record(cal_path, len(cal_inputs))
         write_manifest(staged.path, manifest)
         from training.card import plot_calibration
 

@@ -307,6 +307,12 @@ def run_card(args: argparse.Namespace) -> None:
     print(f"model card written to {path}")
 
 
+def run_calibrate(args: argparse.Namespace) -> None:
+    from training.recalibrate import run_calibrate as calibrate
+
+    calibrate(args)
+
+
 def run_cascade(args: argparse.Namespace) -> None:
     from training.cascade import run_cascade as build
 
@@ -337,6 +343,18 @@ def register(subparsers, train_methods: bool = True) -> None:
     card.add_argument("--bench", type=Path, help="JSON of `offramp bench` to include")
     card.add_argument("--notes", type=Path, help="Markdown to append (e.g. how to reproduce)")
     card.set_defaults(func=command(run_card))
+
+    calibrate = subparsers.add_parser("calibrate", help="fit a bundle's calibration again (every exit policy) "
+                                                        "on a labelled file")
+    calibrate.add_argument("bundle", type=Path)
+    calibrate.add_argument("--data", required=True, type=Path,
+                           help="labelled rows held out from training and from what you report on")
+    calibrate.add_argument("--calibration-tolerance", type=float, default=0.5,
+                           help="recommended settings: the fastest within this many points of full depth")
+    calibrate.add_argument("--text-columns")
+    calibrate.add_argument("--label-column")
+    calibrate.add_argument("--threads", type=int, help="intra-op threads (default: CPU quota)")
+    calibrate.set_defaults(func=command(run_calibrate))
 
     cascade = subparsers.add_parser("cascade", help="chain bundles into one cascade bundle (cheap model first)")
     cascade.add_argument("--stages", required=True, metavar="A,B[,...]",

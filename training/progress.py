@@ -85,17 +85,24 @@ SWEEP_STEP, TIMED_STEP, SWEEP_BATCH, SWEEP_REPEATS = 0.01, 0.05, 32, 3
 
 def calibrate(engine, encoder, inputs, labels, tolerance_points: float, name: str = "dev calibration sweep"):
     """app.calibration.calibrate with a phase log and a progress bar over its engine calls: one
-    full-depth pass, then timed runs at every TIMED_STEP threshold and the recommended one."""
+    full-depth pass, then timed runs at every TIMED_STEP threshold and the recommended one. The
+    engine's manifest (the one being written) gets every policy's table too."""
     from app.calibration import calibrate as sweep, fine_grid
 
     inputs = list(inputs)
     batches = -(-len(inputs) // SWEEP_BATCH)
     timed = len(fine_grid(TIMED_STEP)) + 1  # + the recommended threshold, when off that grid
+    timed += 1 + len(engine.policies) - 1  # full depth and each other policy's recommended setting
     with phase(name, f"{len(inputs):,} rows, {batches} batches, thresholds 0..1 by {SWEEP_STEP}, "
                      f"speed timed at {timed - 1}+1 thresholds x {SWEEP_REPEATS}") as p, \
             bar(total=batches * (1 + timed * SWEEP_REPEATS), desc=name, unit="batch") as progress:
         points, recommended = sweep(CountingEngine(engine, progress), encoder, inputs, labels,
                                     tolerance_points=tolerance_points, step=SWEEP_STEP,
-                                    timed_step=TIMED_STEP, batch_size=SWEEP_BATCH, repeats=SWEEP_REPEATS)
-        p.result = f"recommended threshold {recommended:.2f}"
+                                    timed_step=TIMED_STEP, batch_size=SWEEP_BATCH, repeats=SWEEP_REPEATS,
+                                    manifest=engine.manifest)
+        others = engine.manifest.policies
+        p.result = f"recommended threshold {recommended:.2f}" + "".join(
+            f", {name} {table.recommended_threshold if table.recommended_threshold is not None else ''}"
+            f"{'patience ' + str(table.recommended_patience) if table.recommended_patience else ''}"
+            for name, table in others.items())
     return points, recommended

@@ -113,9 +113,8 @@ def test_policies_on_v1_and_their_refusals(client):
     assert _post(client, policy="patience", patience=1, threshold=0.3).json()["threshold"] == 0.3
     assert _post(client, policy="max_prob", threshold=1.0).json()["predictions"][0]["exit_layer"] == 1
     assert _post(client).json()["policy"] == "entropy"
-    for body, field in (({"policy": "patience"}, "patience"), ({"patience": 2}, "patience"),
-                        ({"policy": "patience", "patience": 9}, "patience"), ({"policy": "max_prob"}, "threshold"),
-                        ({"policy": "greedy"}, "policy")):
+    for body, field in (({"policy": "patience", "threshold": 0.3}, "patience"), ({"patience": 2}, "patience"),
+                        ({"policy": "patience", "patience": 9}, "patience"), ({"policy": "greedy"}, "policy")):
         response = _post(client, **body)
         assert response.status_code == 422, (body, response.text)
         assert response.json()["field"] == field, body
@@ -135,8 +134,25 @@ def test_policies_on_v2(client):
     assert answer.json()["parameters"]["policy"] == "patience"
     exit_layer = next(o for o in answer.json()["outputs"] if o["name"] == "exit_layer")["data"][0]
     assert exit_layer >= 2
-    for parameters, field in (({"policy": "patience"}, "parameters.patience"),
+    for parameters, field in (({"policy": "patience", "threshold": 0.3}, "parameters.patience"),
                               ({"policy": "nope"}, "parameters.policy"),
                               ({"patience": 0, "policy": "patience"}, "parameters.patience")):
         refused = infer(**parameters)
         assert refused.status_code == 400 and refused.json()["field"] == field, refused.text
+
+
+def test_requests_without_a_setting_get_the_policys_calibrated_one(client, tiny_bundle):
+    from app.manifest import read_manifest
+
+    manifest = read_manifest(tiny_bundle["bundle"])
+    assert manifest.exit_temperatures and len(manifest.exit_temperatures) == manifest.num_layers
+    max_prob = manifest.policies["max_prob"]
+    assert _post(client, policy="max_prob").json()["threshold"] == max_prob.recommended_threshold
+    patience = manifest.policies["patience"]
+    assert [p.patience for p in patience.points] == list(range(1, manifest.num_layers))
+    answer = _post(client, policy="patience")
+    if patience.recommended_patience is None:  # no patience is within the tolerance on this model
+        assert answer.status_code == 422 and answer.json()["field"] == "patience"
+    else:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["patience"] == patience.recommended_patience
