@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 PEERS_ONLY = ("calibration", "batch_sizes", "plot", "limit", "provider")
-SWEEP_ONLY = ("batch_size", "baseline", "reference", "latency_rows")
+SWEEP_ONLY = ("batch_size", "baseline", "reference", "latency_rows", "policy", "patience")
 
 
 def _thresholds(spec: str) -> list[float]:
@@ -81,6 +81,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
             threads=args.threads, baseline=args.baseline, checkpoint=args.checkpoint,
             text_columns=args.text_columns.split(",") if args.text_columns else None,
             label_column=args.label_column, progress=progress, reference=args.reference,
+            policy=args.policy or "entropy", patiences=args.patience,
         )
     except (BenchError, DataError, ManifestError) as exc:
         raise SystemExit(f"offramp bench: error: {exc}") from exc
@@ -136,6 +137,10 @@ def register(subparsers) -> None:
     p.add_argument("--reference", type=Path, metavar="BUNDLE_DIR",
                    help="another bundle (e.g. the teacher) measured at full depth in the same run; "
                         "adds speedup_vs_reference to every threshold")
+    p.add_argument("--policy", choices=["entropy", "max_prob", "patience"], default=None,
+                   help="the exit policy to sweep (default entropy; app/policies.py)")
+    p.add_argument("--patience", type=_batch_sizes, default=None, metavar="LIST",
+                   help="with --policy patience: the patiences to run (default 1..layers-1)")
     p.add_argument("--latency-rows", type=_non_negative, default=None,
                    help="rows timed one at a time for latency percentiles (default 200; 0 skips)")
     p.add_argument("--peers", metavar="LIST",

@@ -36,6 +36,7 @@ from app.bundle import open_encoder, open_engine
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import Manifest, read_manifest
+from app.policies import policy_code
 from app.threads import cpu_quota
 from app.calibration import fine_grid, make_batches, timed_run
 from training import labelled
@@ -103,33 +104,36 @@ def percentiles_ms(seconds: Sequence[float]) -> dict[str, float] | None:
 
 
 def measure_latency(engine: Engine, encoder: TextEncoder, inputs: Sequence, threshold: float,
-                    rows: int) -> dict[str, float] | None:
+                    rows: int, policy: int = 0, patience: int = 0) -> dict[str, float] | None:
     """p50/p95/p99 of one row at a time, tokenisation included, over the first `rows` inputs."""
     times = []
     for item in inputs[:rows]:
         start = time.perf_counter()
-        engine.run(encoder.encode([item]), threshold)
+        engine.run(encoder.encode([item]), threshold, policy=policy, patience=patience)
         times.append(time.perf_counter() - start)
     return percentiles_ms(times)
 
 
 def measure_threshold(engine: Engine, encoder: TextEncoder, batches, inputs: Sequence,
-                      labels: np.ndarray, threshold: float, repeats: int = 2,
-                      latency_rows: int = 200) -> dict:
+                      labels: np.ndarray, threshold: float | None, repeats: int = 2,
+                      latency_rows: int = 200, policy: str = "entropy", patience: int | None = None) -> dict:
     """One row of the report (speedup_vs_full is filled in by `sweep`)."""
-    result, seconds = timed_run(engine, batches, threshold, repeats)
+    code = policy_code(policy, threshold)
+    result, seconds = timed_run(engine, batches, threshold or 0.0, repeats, code, patience or 0)
     exit_layer = result.exit_layer
     mean_exit = float(exit_layer.mean())
     histogram = np.bincount(exit_layer - 1, minlength=engine.num_layers)
     return {
-        "threshold": float(threshold),
+        "threshold": None if threshold is None else float(threshold),
+        "policy": policy,
+        "patience": patience,
         "accuracy": float((result.probabilities.argmax(axis=1) == labels).mean()),
         "mean_exit_layer": mean_exit,
         "exit_histogram": [int(n) for n in histogram],
         "throughput_rows_per_s": len(labels) / seconds,
         "speedup_vs_full": None,
         "ideal_speedup": engine.num_layers / mean_exit,
-        "latency_ms": measure_latency(engine, encoder, inputs, threshold, latency_rows),
+        "latency_ms": measure_latency(engine, encoder, inputs, threshold or 0.0, latency_rows, code, patience or 0),
         "_predictions": result.probabilities.argmax(axis=1),
     }
 
@@ -143,17 +147,23 @@ def warm_up(engine: Engine, encoder: TextEncoder, batches, inputs: Sequence) -> 
 
 def sweep(engine: Engine, encoder: TextEncoder, inputs: Sequence, labels: np.ndarray,
           thresholds: Sequence[float], batch_size: int = 32, repeats: int = 2,
-          latency_rows: int = 200, progress: Callable | None = None) -> list[dict]:
-    """Report rows for threshold 0 (always) and every given threshold, sorted by threshold."""
+          latency_rows: int = 200, progress: Callable | None = None, policy: str = "entropy",
+          patiences: Sequence[int] = ()) -> list[dict]:
+    """Report rows for full depth (threshold 0, always first) and every given threshold of the
+    policy, sorted; for the patience policy, every given patience instead."""
     if len(inputs) != len(labels) or not inputs:
         raise BenchError("no rows to measure")
     batches = make_batches(encoder, inputs, batch_size)
     warm_up(engine, encoder, batches, inputs)
-    ordered = [0.0, *sorted(set(float(t) for t in thresholds) - {0.0})]
+    if policy == "patience":
+        settings = [(0.0, "entropy", None), *((None, "patience", p) for p in sorted(set(patiences)))]
+    else:
+        settings = [(0.0, "entropy", None),
+                    *((t, policy, None) for t in sorted(set(float(t) for t in thresholds) - {0.0}))]
     rows = []
-    for threshold in (progress(ordered) if progress else ordered):
+    for threshold, name, patience in (progress(settings) if progress else settings):
         rows.append(measure_threshold(engine, encoder, batches, inputs, labels, threshold,
-                                      repeats, latency_rows))
+                                      repeats, latency_rows, name, patience))
     full = rows[0]["throughput_rows_per_s"]
     for row in rows:
         row["speedup_vs_full"] = row["throughput_rows_per_s"] / full
@@ -298,13 +308,24 @@ def machine_info() -> dict:
             "load_average_1m_at_start": load}
 
 
+def recommended_setting(manifest: Manifest, policy: str) -> float | int | None:
+    """What a request of this policy that sets nothing gets: a threshold, or a patience."""
+    if policy == "entropy":
+        return manifest.recommended_threshold
+    table = manifest.policies.get(policy)
+    if table is None:
+        return None
+    return table.recommended_patience if policy == "patience" else table.recommended_threshold
+
+
 def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
               batch_size: int = 32, repeats: int = 2, latency_rows: int = 200,
               threads: int | None = None, baseline: str | None = None,
               checkpoint: Path | None = None, text_columns: Sequence[str] | None = None,
               label_column: str | None = None, progress: Callable | None = None,
-              reference: Path | None = None) -> dict:
-    """The whole report as a JSON-ready dict."""
+              reference: Path | None = None, policy: str = "entropy",
+              patiences: Sequence[int] | None = None) -> dict:
+    """The whole report as a JSON-ready dict (one policy's sweep; app/policies.py)."""
     if batch_size < 1 or repeats < 1 or latency_rows < 0:
         raise BenchError("--batch-size and --repeats must be >= 1, --latency-rows >= 0")
     if baseline not in (None, "pytorch"):
@@ -317,10 +338,16 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
     checkpoint_dir = resolve_checkpoint(manifest, checkpoint) if baseline else None
     engine = open_engine(bundle_dir, manifest, intra_op_threads=threads or cpu_quota())
     encoder = open_encoder(bundle_dir, manifest)
-    # The recommended threshold is what requests get by default: always measure it.
-    thresholds = [*thresholds, manifest.recommended_threshold]
+    if policy not in engine.policies:
+        raise BenchError(f"--policy {policy}: the bundle runs {list(engine.policies)}")
+    # The recommended setting is what requests get by default: always measure it.
+    recommended = recommended_setting(manifest, policy)
+    if policy == "patience":
+        patiences = list(patiences or range(1, manifest.num_layers)) + ([recommended] if recommended else [])
+    elif recommended is not None:
+        thresholds = [*thresholds, recommended]
     results = sweep(engine, encoder, inputs, labels, thresholds, batch_size, repeats,
-                    latency_rows, progress)
+                    latency_rows, progress, policy, patiences or ())
     full = results[0]
     base = None
     if checkpoint_dir is not None:
@@ -351,7 +378,9 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
         "machine": machine,
         "results": results,
         "baseline": base,
-        "recommended_threshold": manifest.recommended_threshold,
+        "policy": policy,
+        "recommended_threshold": recommended if policy != "patience" else None,
+        "recommended_patience": recommended if policy == "patience" else None,
         "reference": ref,
     }
 
@@ -359,18 +388,21 @@ def run_bench(bundle_dir: Path, data: Path, thresholds: Sequence[float] = DEFAUL
 # -- output -------------------------------------------------------------------------------------
 
 def format_table(report: dict) -> str:
-    header = ["threshold", "accuracy", "mean exit", "ideal speedup", "rows/s",
+    by_patience = report.get("policy") == "patience"
+    header = ["patience" if by_patience else "threshold", "accuracy", "mean exit", "ideal speedup", "rows/s",
               "speedup_vs_full", "p50 ms", "p95 ms", "p99 ms"]
-    recommended = report.get("recommended_threshold")
+    recommended = report.get("recommended_patience" if by_patience else "recommended_threshold")
     ref = report.get("reference")
     if ref:
         header.insert(6, "vs reference")
     lines = []
     for r in report["results"]:
         lat = r["latency_ms"] or {}
-        mark = "*" if recommended is not None and abs(r["threshold"] - recommended) < 1e-9 else ""
+        setting = r.get("patience") if by_patience else r["threshold"]
+        mark = "*" if recommended is not None and setting is not None and abs(setting - recommended) < 1e-9 else ""
+        label = ("full" if setting is None else str(setting)) if by_patience else f"{setting:.2f}"
         lines.append([
-            f"{r['threshold']:.2f}{mark}", f"{r['accuracy']:.4f}", f"{r['mean_exit_layer']:.2f}",
+            f"{label}{mark}", f"{r['accuracy']:.4f}", f"{r['mean_exit_layer']:.2f}",
             f"{r['ideal_speedup']:.2f}x", f"{r['throughput_rows_per_s']:.1f}",
             f"{r['speedup_vs_full']:.2f}x",
             *([f"{r['speedup_vs_reference']:.2f}x"] if ref else []),
@@ -392,7 +424,8 @@ def format_table(report: dict) -> str:
         out.append(f"warning: load average {load} on {cores} cores at the start: other work was "
                    f"running, timings are pessimistic and noisy")
     if recommended is not None:
-        out.append(f"* recommended threshold (manifest): {recommended:.2f}")
+        out.append(f"* recommended {'patience' if by_patience else 'threshold'} of policy "
+                   f"{report.get('policy', 'entropy')} (manifest): {recommended:g}")
     if ref:
         out.append(f"reference {ref['bundle']} at full depth ({ref['num_layers']} layers), same rows and "
                    f"run: accuracy {ref['accuracy']:.4f}, {ref['throughput_rows_per_s']:.1f} rows/s")

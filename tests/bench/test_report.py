@@ -248,3 +248,29 @@ def test_format_table_lists_every_threshold(report):
     table = format_table(report[0])
     assert table.count("\n") >= 5
     assert "pytorch baseline" in table and "onnx" in table.lower()
+
+
+@pytest.mark.parametrize("policy", ["patience", "max_prob"])
+def test_any_policy_is_swept_through_the_engine(tiny, policy):
+    from app.policies import policy_code
+
+    bundle, _, dev = tiny
+    manifest = read_manifest(bundle)
+    report = run_bench(bundle, dev, thresholds=[0.3, 0.9], batch_size=16, repeats=1, latency_rows=2,
+                       threads=1, policy=policy)
+    assert report["policy"] == policy
+    full, *rows = report["results"]
+    assert full["threshold"] == 0.0 and full["policy"] == "entropy" and full["speedup_vs_full"] == 1.0
+    probs, labels = _independent(bundle, dev, batch_size=16)
+    for row in rows:
+        assert row["policy"] == policy
+        exit_layer, final = simulate_exits(probs, row["threshold"] or 0.0, policy=policy_code(policy, row["threshold"]),
+                                           patience=row["patience"] or 0, temperatures=manifest.exit_temperatures)
+        assert row["mean_exit_layer"] == pytest.approx(exit_layer.mean())
+        assert row["accuracy"] == pytest.approx((final.argmax(1) == labels).mean())
+    if policy == "patience":
+        assert [r["patience"] for r in rows] == list(range(1, manifest.num_layers)) and \
+            all(r["threshold"] is None for r in rows)
+        assert "patience" in format_table(report).splitlines()[1]
+    else:
+        assert {0.3, 0.9} <= {r["threshold"] for r in rows}
