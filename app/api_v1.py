@@ -90,7 +90,8 @@ async def _predict(request: Request, response: Response, model: str, version: st
         count_refusal(request, model, number, "v1", exc.status)
         raise
     result = await classify_for_http(request, model, number, body.inputs, "v1", body.threshold,
-                                     body.min_layers, body.max_layers, body.timeout_ms, body.policy, body.patience)
+                                     body.min_layers, body.max_layers, body.timeout_ms, body.policy, body.patience,
+                                     body.max_accuracy_drop)
     response.headers.update(timing_headers(result))
     return to_response(result, body.return_probabilities)
 

@@ -198,6 +198,7 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     policy: str = "entropy"
     patience: int | None = None
+    max_accuracy_drop: float | None = None
     ignored_parameters: list[str] = field(default_factory=list)  # echoed, so a typo is visible
 
 
@@ -318,6 +319,9 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     patience = parameters.get("patience")
     if patience is not None and not (is_int(patience) and patience >= 1):
         raise bad("parameters.patience", f"an integer >= 1 is required, not {patience!r}")
+    budget = parameters.get("max_accuracy_drop")
+    if budget is not None and not (is_number(budget) and 0 <= budget <= 100):
+        raise bad("parameters.max_accuracy_drop", f"a number of points in [0, 100] is required, not {budget!r}")
     timeout_ms = parameters.get("timeout_ms")
     if timeout_ms is not None and not (is_number(timeout_ms) and timeout_ms > 0):
         raise bad("parameters.timeout_ms", f"a positive number of milliseconds is required, not {timeout_ms!r}")
@@ -362,10 +366,11 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     outputs = parse_outputs(payload.get("outputs"), default_binary)
     ignored = sorted(str(key) for key in parameters if key not in USED_PARAMETERS)
     request = InferRequest(request_id, texts, text.field, threshold, min_layers, max_layers, timeout_ms, outputs,
-                           policy, None if patience is None else int(patience), ignored)
+                           policy, None if patience is None else int(patience),
+                           None if budget is None else float(budget), ignored)
     try:
         check_inputs(model, texts, settings, min_layers, max_layers)
-        exit_policy(model, policy, threshold, request.patience)
+        exit_policy(model, policy, threshold, request.patience, request.max_accuracy_drop)
     except RequestError as exc:
         raise as_v2_error(exc, request) from exc
     return request
@@ -461,7 +466,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     try:
         result = await classify_for_http(request, name, number, parsed.texts, "v2", parsed.threshold,
                                          parsed.min_layers, parsed.max_layers, parsed.timeout_ms,
-                                         parsed.policy, parsed.patience)
+                                         parsed.policy, parsed.patience, parsed.max_accuracy_drop)
     except RequestError as exc:
         raise as_v2_error(exc, parsed) from exc
     return infer_response(result, parsed)

@@ -15,7 +15,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT_NAMES = ("label", "label_id", "probabilities", "exit_layer", "uncertainty")
 # Request parameters read: ours, then Triton's own (tritonclient sends binary_data_output, timeout,
 # priority). Any other (sequence_id, headers, a client's own) is accepted and ignored, as Triton does.
-MODEL_PARAMETERS = ("threshold", "min_layers", "max_layers", "timeout_ms", "policy", "patience")
+MODEL_PARAMETERS = ("threshold", "min_layers", "max_layers", "timeout_ms", "policy", "patience",
+                    "max_accuracy_drop")
 USED_PARAMETERS = MODEL_PARAMETERS + ("binary_data_output", "timeout", "priority")
 # Tensor parameters this server cannot honour: refused, since ignoring them would answer wrongly.
 UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
@@ -81,6 +82,7 @@ INFER_REQUEST_SCHEMA = {
                 "max_layers": _optional({"type": "integer", "minimum": 1}),
                 "policy": _optional({"type": "string", "enum": ["entropy", "max_prob", "patience"]}),
                 "patience": _optional({"type": "integer", "minimum": 1}),
+                "max_accuracy_drop": _optional({"type": "number", "minimum": 0, "maximum": 100}),
                 "timeout_ms": _optional({"type": "number", "exclusiveMinimum": 0}),
                 "timeout": _optional({"type": "integer", "minimum": 0, "description": "microseconds (Triton's)"}),
                 "priority": _optional({"type": "integer", "minimum": 0}),

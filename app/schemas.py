@@ -40,6 +40,10 @@ class PredictRequest(BaseModel):
     patience: LayerCount | None = Field(
         default=None, description="policy patience: consecutive exits that must agree (or, with a threshold, "
                                   "be confident) before a row leaves")
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0.0, le=100.0,
+        description="a budget instead of a threshold: the fastest setting of the policy whose calibrated "
+                    "accuracy is at most this many points below full depth (the response says which)")
     return_probabilities: bool = False
     timeout_ms: float | None = Field(default=None, gt=0, description="deadline: 504 instead of a late answer")
 

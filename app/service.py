@@ -115,11 +115,35 @@ async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: 
     return batch
 
 
-def exit_policy(model: LoadedModel, policy: str, threshold: float | None,
-                patience: int | None) -> tuple[int, float | None, int]:
+def within_budget(model: LoadedModel, policy: str, max_accuracy_drop: float) -> tuple[float | None, int | None]:
+    """The fastest setting of the policy whose calibrated accuracy is at most `max_accuracy_drop`
+    points below full depth: the largest threshold (the smallest patience)."""
+    manifest = model.manifest
+    points = manifest.calibration if policy == "entropy" else \
+        (manifest.policies[policy].points if policy in manifest.policies else [])
+    full = next((p.accuracy for p in manifest.calibration if p.threshold == 0.0), None)
+    if not points or full is None:
+        raise RequestError(422, "max_accuracy_drop", f"model {model.name!r} has no calibration table for "
+                           f"policy {policy}")
+    fitting = [p for p in points if (full - p.accuracy) * 100 <= max_accuracy_drop + 1e-9]
+    if policy == "patience":
+        if not fitting:
+            raise RequestError(422, "max_accuracy_drop", f"no patience of model {model.name!r} is within "
+                               f"{max_accuracy_drop:g} points of full depth")
+        return None, min(p.patience for p in fitting)
+    return max(p.threshold for p in fitting), None  # threshold 0 (full depth) always fits
+
+
+def exit_policy(model: LoadedModel, policy: str, threshold: float | None, patience: int | None,
+                max_accuracy_drop: float | None = None) -> tuple[int, float | None, int]:
     """(policy code, threshold, patience) of a request, its defaults filled in from the model."""
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise RequestError(422, "threshold", f"{threshold} is outside [0, 1]")
+    if max_accuracy_drop is not None:
+        if threshold is not None or patience is not None:
+            raise RequestError(422, "max_accuracy_drop", "give a budget or a threshold / patience, not both")
+        if policy in model.engine.policies:
+            threshold, patience = within_budget(model, policy, max_accuracy_drop)
     if policy not in model.engine.policies:
         raise RequestError(422, "policy", f"{policy!r} is not one of model {model.name!r}'s policies "
                            f"{list(model.engine.policies)}")
@@ -154,12 +178,13 @@ async def classify(
     is_disconnected: Callable[[], Awaitable[bool]] | None = None,
     policy: str = "entropy",
     patience: int | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> Classification:
     """Admission first (cheap counts, then room in the queue, held while tokenising), so a
     request that will be refused costs next to nothing."""
     start = time.monotonic()
     characters = check_inputs(model, inputs, settings, min_layers, max_layers)
-    code, threshold, patience_count = exit_policy(model, policy, threshold, patience)
+    code, threshold, patience_count = exit_policy(model, policy, threshold, patience, max_accuracy_drop)
     manifest = model.manifest
     reservation = model.batcher.reserve(len(inputs))
     try:
@@ -235,7 +260,8 @@ def admit(request, model_name: str, version: int | None, protocol: str) -> None:
 async def classify_for_http(request, model_name: str, version: int | None, inputs: Sequence[TextInput],
                             protocol: str, threshold: float | None = None, min_layers: int | None = None,
                             max_layers: int | None = None, timeout_ms: float | None = None,
-                            policy: str = "entropy", patience: int | None = None) -> Classification:
+                            policy: str = "entropy", patience: int | None = None,
+                            max_accuracy_drop: float | None = None) -> Classification:
     """classify() for an HTTP request: model lookup, queue and deadline errors as RequestError,
     metrics and one structured log line per request. A request that picked a version while
     it was being replaced goes to its successor rather than being refused."""
@@ -251,7 +277,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
         for attempt in range(RETRIES_ON_RETIRED_VERSION + 1):
             try:
                 work = classify(model, inputs, settings, threshold, min_layers, max_layers, timeout_ms,
-                                request.is_disconnected, policy, patience)
+                                request.is_disconnected, policy, patience, max_accuracy_drop)
                 result = await (asyncio.wait_for(work, timeout_ms / 1000) if timeout_ms else work)
                 break
             except QueueFull as exc:

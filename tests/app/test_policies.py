@@ -156,3 +156,34 @@ def test_requests_without_a_setting_get_the_policys_calibrated_one(client, tiny_
     else:
         assert answer.status_code == 200, answer.text
         assert answer.json()["patience"] == patience.recommended_patience
+
+
+@pytest.mark.parametrize("budget", [0.0, 2.0, 10.0, 100.0])
+def test_a_budget_picks_the_largest_threshold_inside_it(client, tiny_bundle, budget):
+    from app.manifest import read_manifest
+
+    manifest = read_manifest(tiny_bundle["bundle"])
+    full = next(p.accuracy for p in manifest.calibration if p.threshold == 0.0)
+    inside = [p.threshold for p in manifest.calibration if (full - p.accuracy) * 100 <= budget + 1e-9]
+    body = _post(client, max_accuracy_drop=budget).json()
+    assert body["threshold"] == max(inside)
+    if budget == 100.0:
+        assert body["threshold"] == 1.0
+    table = manifest.policies["max_prob"].points
+    assert _post(client, policy="max_prob", max_accuracy_drop=budget).json()["threshold"] == \
+        max(p.threshold for p in table if (full - p.accuracy) * 100 <= budget + 1e-9)
+    patiences = [p.patience for p in manifest.policies["patience"].points if (full - p.accuracy) * 100 <= budget + 1e-9]
+    answer = _post(client, policy="patience", max_accuracy_drop=budget)
+    if patiences:
+        assert answer.json()["patience"] == min(patiences)
+    else:
+        assert answer.status_code == 422 and answer.json()["field"] == "max_accuracy_drop"
+
+
+def test_a_budget_is_instead_of_a_threshold(client):
+    refused = _post(client, max_accuracy_drop=1.0, threshold=0.2)
+    assert refused.status_code == 422 and refused.json()["field"] == "max_accuracy_drop"
+    v2 = client.post("/v2/models/tiny/infer", json={
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fine"]}],
+        "parameters": {"max_accuracy_drop": 100}})
+    assert v2.status_code == 200 and v2.json()["parameters"]["threshold"] == 1.0

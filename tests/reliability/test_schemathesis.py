@@ -170,6 +170,7 @@ MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"patience"), ("only with policy patience", "needs a patience", "more than the model's")),
     (re.compile(r"policy"), ("is not one of model",)),
     (re.compile(r"threshold"), ("no calibrated max_prob threshold",)),
+    (re.compile(r"max_accuracy_drop"), ("not both", "no calibration table", "is within")),
 )
 # /v2's infer schema cannot say either that a tensor's shape counts its data, that the inputs are
 # the model's (text_pair only for pair models, each once; outputs too), or the model's depth: the same kind
@@ -184,6 +185,7 @@ V2_MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"parameters\.patience"), ("only with policy patience", "needs a patience", "more than the model's")),
     (re.compile(r"parameters\.policy"), ("is not one of model",)),
     (re.compile(r"parameters\.threshold"), ("no calibrated max_prob threshold",)),
+    (re.compile(r"parameters\.max_accuracy_drop"), ("not both", "no calibration table", "is within")),
 )
 
 
