@@ -96,7 +96,7 @@ class BatchStats:
 class Batcher:
     def __init__(self, engine: Engine, max_batch_rows: int = 64, max_batch_tokens: int = 8192,
                  max_wait_ms: float = 2.0, max_queue_rows: int = 1024, merge_requests: bool = True,
-                 on_batch: Callable[[BatchStats], None] | None = None):
+                 on_batch: Callable[[BatchStats], None] | None = None, auditor=None):
         self.engine = engine
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
@@ -104,6 +104,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.merge_requests = merge_requests  # False: every request is its own batch
         self.on_batch = on_batch
+        self.auditor = auditor  # app/audit.py: sampled rows run again to full depth when idle
         self._pending: list[tuple[Job, int]] = []  # (job, row), oldest first
         self._reserved_rows = 0  # admitted, still being tokenised
         self._wakeup = asyncio.Event()
@@ -161,6 +162,14 @@ class Batcher:
     async def _run(self) -> None:
         idle = True
         while True:
+            if not self._pending and self.auditor is not None and self.auditor.pending and not self._closing:
+                # Nothing is waiting: the monitor's rows run now, a batch at a time, so the next
+                # request waits for at most one audit batch.
+                try:
+                    await in_worker(self.auditor.check, self.engine, self.auditor.take(self.max_batch_rows))
+                except Exception:  # the monitor must never stop the serving
+                    log.exception("audit batch failed")
+                continue
             if not self._pending:
                 if self._closing:
                     return
@@ -254,6 +263,8 @@ class Batcher:
             job.batch_rows.append(len(chosen))
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.result())
+        if self.auditor is not None:
+            self.auditor.sample(batch, result.probabilities, result.exit_layer, policy, threshold, patience)
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(chosen), int(batch.input_ids.size),
                                      [start - job.enqueued for job in jobs], elapsed, result.exit_layer))

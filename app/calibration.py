@@ -65,6 +65,7 @@ def threshold_curve(layer_probs: np.ndarray, labels: np.ndarray, thresholds: Seq
             accuracy=float((probs.argmax(axis=1) == labels).mean()),
             mean_exit_layer=mean_exit,
             ideal_speedup=num_layers / mean_exit,
+            agreement=float((probs.argmax(axis=1) == layer_probs[-1].argmax(axis=1)).mean()),
         ))
     return points
 
@@ -78,7 +79,8 @@ def patience_curve(layer_probs: np.ndarray, labels: np.ndarray) -> list[Calibrat
         points.append(CalibrationPoint(threshold=None, patience=patience,
                                        accuracy=float((probs.argmax(axis=1) == labels).mean()),
                                        mean_exit_layer=float(exit_layer.mean()),
-                                       ideal_speedup=num_layers / float(exit_layer.mean())))
+                                       ideal_speedup=num_layers / float(exit_layer.mean()),
+                                       agreement=float((probs.argmax(1) == layer_probs[-1].argmax(1)).mean())))
     return points
 
 

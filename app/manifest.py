@@ -100,6 +100,7 @@ class CalibrationPoint(BaseModel):
     mean_exit_layer: float
     ideal_speedup: float
     measured_speedup: float | None = None
+    agreement: float | None = None  # rows whose answer is full depth's (what the audit monitor expects)
 
 
 class PolicyCalibration(BaseModel):

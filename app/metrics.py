@@ -64,6 +64,26 @@ class Metrics:
                                        ["model"], registry=r)
         self.layers_saved = Counter("offramp_layers_saved_total",
                                     "Layers not run thanks to early exit, summed over rows", ["model"], registry=r)
+        # The agreement monitor (OFFRAMP_AUDIT_FRACTION, app/audit.py)
+        self.audit_rows = Counter("offramp_audit_rows_total", "Served rows checked against full depth",
+                                  ["model"], registry=r)
+        self.audit_agreed = Counter("offramp_audit_agreed_total",
+                                    "Checked rows whose served answer was full depth's", ["model"], registry=r)
+        self.audit_agreement = Gauge("offramp_audit_agreement", "Agreed / checked rows so far", ["model"], registry=r)
+        self.audit_expected = Gauge("offramp_audit_expected_agreement",
+                                    "The agreement the calibration table expects at the checked rows' settings",
+                                    ["model"], registry=r)
+        self._audit_totals: dict[str, list[float]] = {}  # model -> [rows, agreed, expected sum, expected rows]
+
+    def observe_audit(self, model: str, rows: int, agreed: int, expected_sum: float, expected_rows: int) -> None:
+        totals = self._audit_totals.setdefault(model, [0, 0, 0.0, 0])
+        for i, value in enumerate((rows, agreed, expected_sum, expected_rows)):
+            totals[i] += value
+        self.audit_rows.labels(model).inc(rows)
+        self.audit_agreed.labels(model).inc(agreed)
+        self.audit_agreement.labels(model).set(totals[1] / totals[0])
+        if totals[3]:
+            self.audit_expected.labels(model).set(totals[2] / totals[3])
 
     def count_request(self, model: str, registry, protocol: str, status: int) -> None:
         """One request; a name that is no model (a typo, a scan) counts under UNKNOWN_MODEL, so

@@ -112,9 +112,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def on_batch(stats):
             metrics.observe_batch(model.name, model.version, model.manifest.num_layers, stats)
 
+        auditor = None
+        if settings.audit_fraction > 0:
+            from app.audit import Auditor
+
+            auditor = Auditor(settings.audit_fraction, model.manifest,
+                              lambda *counts: metrics.observe_audit(model.name, *counts))
         return Batcher(model.engine, settings.max_batch_rows, settings.max_batch_tokens,
                        settings.max_wait_ms, settings.max_queue_rows,
-                       merge_requests=settings.batching, on_batch=on_batch)
+                       merge_requests=settings.batching, on_batch=on_batch, auditor=auditor)
 
     registry = Registry(settings.model_dir, settings.default_model, settings.provider,
                         settings.intra_op_threads, make_batcher)

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (rows x longest row)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first row of a batch waits for company")
     max_queue_rows: int = Field(2048, ge=1, description="rows waiting per model; beyond: 429 with Retry-After")
+    audit_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="fraction of served rows run again to full depth when idle, to report "
+                                         "agreement on /metrics (0: off)")
     overload_hold_ms: float = Field(
         1000.0, ge=0, description="a 429 is answered after this pause, so clients that retry at once cannot spin the server")
     default_timeout_ms: float | None = Field(None, gt=0, description="deadline of requests that set no timeout_ms")
