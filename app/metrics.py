@@ -64,6 +64,9 @@ class Metrics:
                                        ["model"], registry=r)
         self.layers_saved = Counter("offramp_layers_saved_total",
                                     "Layers not run thanks to early exit, summed over rows", ["model"], registry=r)
+        self.default_threshold = Gauge("offramp_default_threshold",
+                                       "Threshold of requests that set none, as the latency controller holds it",
+                                       ["model"], registry=r)
         # The agreement monitor (OFFRAMP_AUDIT_FRACTION, app/audit.py)
         self.audit_rows = Counter("offramp_audit_rows_total", "Served rows checked against full depth",
                                   ["model"], registry=r)

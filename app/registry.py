@@ -36,6 +36,7 @@ class LoadedModel:
     encoder: TextEncoder | CascadeEncoder
     engine: Engine | CascadeEngine
     batcher: Batcher | None = None
+    controller: object | None = None  # app/controller.py, with OFFRAMP_TARGET_P99_MS
     fingerprint: str = ""  # the manifest's file digests: a changed bundle is reloaded
 
     @property

@@ -101,6 +101,18 @@ class _BodyTimeout(Exception):
     pass
 
 
+CONTROL_INTERVAL_S = 0.5
+
+
+async def _control_thresholds(registry, metrics, interval_s: float) -> None:
+    """Every interval, each model's latency controller takes a step (app/controller.py)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for model in registry.models.values():
+            if model.controller is not None:
+                metrics.default_threshold.labels(model.name).set(model.controller.update())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     from app import api_v1, api_v2, api_v2_repository
 
@@ -112,6 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def on_batch(stats):
             metrics.observe_batch(model.name, model.version, model.manifest.num_layers, stats)
 
+        if settings.target_p99_ms:
+            from app.controller import ThresholdController, threshold_steps
+
+            model.controller = ThresholdController(threshold_steps(model.manifest, settings.max_accuracy_drop),
+                                                   settings.target_p99_ms)
         auditor = None
         if settings.audit_fraction > 0:
             from app.audit import Auditor
@@ -133,9 +150,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = (asyncio.create_task(registry.watch(settings.watch_interval_s))
                    if settings.watch_interval_s > 0 else None)
         trimmer = asyncio.create_task(_release_free_memory_every(MEMORY_TRIM_INTERVAL_S))
+        controlling = (asyncio.create_task(_control_thresholds(registry, metrics, CONTROL_INTERVAL_S))
+                       if settings.target_p99_ms else None)
         yield
         app.state.draining = True
         trimmer.cancel()
+        if controlling is not None:
+            controlling.cancel()
         if watcher is not None:
             watcher.cancel()
         await registry.stop()  # queued rows are answered before the process exits

@@ -159,7 +159,8 @@ def exit_policy(model: LoadedModel, policy: str, threshold: float | None, patien
     elif patience is not None:
         raise RequestError(422, "patience", "only with policy patience")
     if threshold is None and policy == "entropy":
-        threshold = model.manifest.recommended_threshold
+        # The recommended threshold, or the one the latency controller has raised it to.
+        threshold = model.controller.threshold if model.controller else model.manifest.recommended_threshold
     if threshold is None and policy == "max_prob" and calibrated is not None:
         threshold = calibrated.recommended_threshold
     if threshold is None and policy == "max_prob":
@@ -300,6 +301,8 @@ async def classify_for_http(request, model_name: str, version: int | None, input
     finally:
         metrics.count_request(model_name, registry, protocol, status)
     metrics.observe_request(model.name, model.version, result.total_s, ok=True)
+    if model.controller is not None:
+        model.controller.observe(result.total_s)
     entry = {"event": "predict", "protocol": protocol, "model": model.name, "version": model.version,
              "rows": len(inputs), "threshold": result.threshold, "policy": result.policy,
              "exit_layers": result.result.exit_layer.tolist(), "tokenize_ms": round(result.tokenize_s * 1e3, 3),

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (rows x longest row)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first row of a batch waits for company")
     max_queue_rows: int = Field(2048, ge=1, description="rows waiting per model; beyond: 429 with Retry-After")
+    target_p99_ms: float | None = Field(
+        None, gt=0, description="latency objective: above it the default threshold rises, within max_accuracy_drop")
+    max_accuracy_drop: float = Field(
+        1.0, ge=0, le=100, description="how far (points below full depth, from the calibration table) the latency "
+                                       "controller may take the default threshold")
     audit_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="fraction of served rows run again to full depth when idle, to report "
                                          "agreement on /metrics (0: off)")
