@@ -7,9 +7,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.auth import require_api_key
 from app.registry import LoadedModel
 from app.schemas import (
+    CalibrationInfo,
     ErrorResponse,
     ModelInfo,
     ModelList,
+    PolicyTable,
     Prediction,
     PredictRequest,
     PredictResponse,
@@ -126,6 +128,23 @@ async def get_model(model: str, request: Request):
     if loaded is None:
         raise RequestError(404, "model", f"no model named {model!r}", "not_found")
     return model_info(request, loaded)
+
+
+@router.get("/models/{model}/calibration", response_model=CalibrationInfo, responses=ERRORS)
+async def get_calibration(model: str, request: Request):
+    """Every exit policy's calibration table and recommended setting (what the playground plots)."""
+    loaded = request.app.state.registry.get(model)
+    if loaded is None:
+        raise RequestError(404, "model", f"no model named {model!r}", "not_found")
+    m = loaded.manifest
+    tables = {"entropy": PolicyTable(points=[p.model_dump() for p in m.calibration],
+                                     recommended_threshold=m.recommended_threshold)}
+    for name, table in m.policies.items():
+        tables[name] = PolicyTable(points=[p.model_dump() for p in table.points],
+                                   recommended_threshold=table.recommended_threshold,
+                                   recommended_patience=table.recommended_patience)
+    return CalibrationInfo(model=loaded.name, layers=m.num_layers, policies=tables,
+                           calibration_data=m.calibration_data.model_dump() if m.calibration_data else None)
 
 
 @router.post("/models/{model}/reload", response_model=ReloadResponse, responses=ERRORS,

@@ -102,6 +102,20 @@ class ModelInfo(BaseModel):
     stages: list[StageInfo] | None = Field(default=None, description="cascades: the bundles run in order")
 
 
+class PolicyTable(BaseModel):
+    points: list[dict] = Field(description="threshold (or patience), accuracy, mean_exit_layer, ideal_speedup, "
+                                           "measured_speedup, agreement")
+    recommended_threshold: float | None = None
+    recommended_patience: int | None = None
+
+
+class CalibrationInfo(BaseModel):
+    model: str
+    layers: int
+    calibration_data: dict | None = Field(default=None, description="the rows the tables were fitted on")
+    policies: dict[str, PolicyTable] = Field(description="entropy (the default), max_prob, patience")
+
+
 class ModelList(BaseModel):
     models: list[ModelInfo]
     failed: dict[str, str] = Field(default_factory=dict, description="bundles that did not load")

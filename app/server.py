@@ -114,7 +114,7 @@ async def _control_thresholds(registry, metrics, interval_s: float) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app import api_v1, api_v2, api_v2_repository
+    from app import api_v1, api_v2, api_v2_repository, playground
 
     settings = settings or Settings()
     set_worker_nice(settings.worker_nice)
@@ -231,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_v1.router)
     app.include_router(api_v2_repository.router)  # first: /v2/models/stats is no model named "stats"
     app.include_router(api_v2.router)
+    app.include_router(playground.router)
     fastapi_openapi = app.openapi
 
     def openapi() -> dict:
