@@ -112,8 +112,12 @@ def write_model_card(bundle: Path, bench_json: Path | None = None, notes: Path |
     if m.verification:
         lines += [f"Export check (fp32 ONNX vs PyTorch, every layer, random and real inputs): max |logit diff| "
                   f"{max(m.verification.max_abs_logit_diff):.2e} (tolerance {m.verification.tolerance:g}).", ""]
-    lines += ["## Calibration", f"Measured on dev through the real engine at export. Recommended threshold "
-              f"**{m.recommended_threshold:.2f}**: the largest whose dev accuracy is within the export's "
+    where = "dev, in sample (the dev figures at the recommended threshold are not out-of-sample numbers)"
+    if m.calibration_data is not None and (m.provenance.dev is None or m.calibration_data.path != m.provenance.dev.path):
+        where = (f"`{m.calibration_data.path}` ({m.calibration_data.rows} rows never trained on; dev is not "
+                 "used, so the dev figures are out of sample)")
+    lines += ["## Calibration", f"Fitted through the real engine at export on {where}. Recommended threshold "
+              f"**{m.recommended_threshold:.2f}**: the largest whose calibration accuracy is within the export's "
               "tolerance of full depth. Requests without a threshold use it.", "",
               f"![accuracy and speedup against threshold]({PLOT_NAME})", "", *_calibration_rows(m), ""]
     if bench_json:

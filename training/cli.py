@@ -74,6 +74,12 @@ def add_data_arguments(p: argparse.ArgumentParser, unlabeled_help: str, label_na
     p.add_argument("--checkpoint", type=Path, help="where the PyTorch checkpoint goes (default runs/NAME)")
     p.add_argument("--calibration-tolerance", type=float, default=0.5,
                    help="accuracy points below full depth the recommended threshold may lose")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="labelled rows to fit the exit calibration on (not the --dev file)")
+    p.add_argument("--calibration-split", type=float, default=0.1, metavar="F",
+                   help="without --calibration: this fraction of --train is held out of training and the "
+                        "calibration is fitted on it, so dev figures stay out of sample (default 0.1; 0: "
+                        "calibrate on dev, in sample)")
     p.add_argument("--threads", type=int, help="torch threads per process (default: the CPU quota / processes)")
     add_run_arguments(p)
 
@@ -125,7 +131,8 @@ def read_data(args: argparse.Namespace, limit_train: int | None, labels: list[st
     if label_names is None:
         label_names = parse_list(args.label_names, "--label-names")
     return read_task_data(args.train, args.dev, args.unlabeled, text_columns_of(args), args.label_column,
-                          label_names, limit_train, labels, labels_origin)
+                          label_names, limit_train, labels, labels_origin,
+                          getattr(args, "calibration", None), getattr(args, "calibration_split", 0.0))
 
 
 def output_paths(args: argparse.Namespace) -> Path:

@@ -19,6 +19,7 @@ from torch import nn
 from app.encoding import EncodedBatch, TextEncoder
 from app.engine import Engine
 from app.manifest import (
+    DataFileRecord,
     Graphs,
     LayerResult,
     Manifest,
@@ -156,6 +157,7 @@ def export_bundle(
     calibration_inputs: Sequence | None = None,
     calibration_labels: Sequence[int] | None = None,
     tolerance_points: float = 0.5,
+    calibration_data: DataFileRecord | None = None,
 ) -> Manifest:
     """Write a complete bundle to out_dir (replacing it only once everything has passed)."""
     out_dir = Path(out_dir)
@@ -191,6 +193,7 @@ def export_bundle(
                 engine, encoder, list(calibration_inputs), np.asarray(calibration_labels),
                 tolerance_points=tolerance_points,
             )
+            manifest.calibration_data = calibration_data
         write_manifest(staging, manifest)
         staged.publish()
         return manifest

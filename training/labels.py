@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -60,14 +61,23 @@ class LabelMap:
         return f"labels ({self.how}): {pairs}"
 
 
+# The held-out calibration rows do not change with a run's seed, so runs compare on the same rows.
+CALIBRATION_SEED = 20261201
+
+
 @dataclass
 class TaskData:
     """The files of a run as read and checked: what `training.task.load_task` encodes."""
     train: TextFile
     dev: TextFile
     unlabeled: TextFile | None
-    train_examples: list[Example]  # the training rows used (--limit-train)
+    train_examples: list[Example]  # the training rows used (--limit-train), less the calibration rows
     labels: LabelMap
+    # Rows the export calibrates on, never trained on and not the dev file: a split held out of
+    # --train (--calibration-split) or --calibration FILE; none: calibration on dev (in sample).
+    calibration_examples: list[Example] | None = None
+    calibration_file: TextFile | None = None
+    calibration_note: str = ""
 
 
 def parse_list(value: str | None, option: str) -> list[str] | None:
@@ -210,8 +220,14 @@ def read_task_data(
     limit_train: int | None = None,
     labels: Sequence[str] | None = None,
     labels_origin: str = "--labels",
+    calibration_path: Path | None = None,
+    calibration_split: float = 0.0,
 ) -> TaskData:
-    """Read and check the data files of a run, and log what was read."""
+    """Read and check the data files of a run, and log what was read. With calibration_path, its
+    rows are the calibration rows; else with calibration_split, that fraction of the training
+    rows (the same rows whatever the run's seed) is held out of training for calibration."""
+    if not 0.0 <= calibration_split < 1.0:
+        raise DataError(f"--calibration-split {calibration_split}: a fraction in [0, 1) is required")
     train = read_examples(train_path, text_columns, label_column, require_labels=True)
     dev = read_examples(dev_path, text_columns, label_column, require_labels=True)
     unlabeled = read_examples(unlabeled_path, text_columns, None) if unlabeled_path is not None else None
@@ -238,4 +254,29 @@ def read_task_data(
     log.info("%s", label_map.describe())
     for warning in warnings:
         log.warning("%s", warning)
-    return TaskData(train=train, dev=dev, unlabeled=unlabeled, train_examples=used, labels=label_map)
+    data = TaskData(train=train, dev=dev, unlabeled=unlabeled, train_examples=used, labels=label_map)
+    if calibration_path is not None:
+        file = read_examples(calibration_path, text_columns, label_column, require_labels=True)
+        if Path(calibration_path).resolve() == Path(dev_path).resolve():
+            raise DataError("--calibration is the --dev file: calibration must not be fitted on the rows it is "
+                            "evaluated on (leave it out to hold out part of --train)")
+        stray = next((e for e in file.examples if e.label not in label_map.source), None)
+        if stray is not None:
+            raise DataError(f"{file.path} line {stray.line}: label {stray.label!r} is not among the task's labels "
+                            f"{list(label_map.source)}")
+        data.calibration_examples, data.calibration_file = file.examples, file
+        data.calibration_note = f"all of {file.path}"
+    elif calibration_split > 0:
+        count = max(1, round(len(used) * calibration_split))
+        if count >= len(used):
+            raise DataError(f"--calibration-split {calibration_split}: {len(used)} training rows leave none to train on")
+        held = set(random.Random(CALIBRATION_SEED).sample(range(len(used)), count))
+        data.calibration_examples = [e for i, e in enumerate(used) if i in held]
+        data.train_examples = [e for i, e in enumerate(used) if i not in held]
+        data.calibration_file = train
+        data.calibration_note = f"{count:,} rows of {train.path} held out of training (--calibration-split {calibration_split:g})"
+    if data.calibration_examples is not None:
+        log.info("calibration: %s; %s rows left to train on", data.calibration_note, f"{len(data.train_examples):,}")
+    else:
+        log.info("calibration: on the dev file (--calibration-split 0): its dev figures are in sample")
+    return data

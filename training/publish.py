@@ -76,13 +76,16 @@ def save_and_export(args: argparse.Namespace, task, model, checkpoint: Staged, m
         recipe=recipe, versions=versions(), wall_time_s=round(wall_s, 1), checkpoint=str(final),
         distributed=distributed,
     )
-    dev_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in task.dev.examples]
+    # Calibrated on held-out rows where the run has them, so the dev figures stay out of sample.
+    rows = task.calibration if task.calibration is not None else task.dev
+    calibration_inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in rows.examples]
     manifest = export_bundle(
         model, task.tokenizer_file, args.out, name=args.out.name, labels=task.labels,
         source_labels=task.source_labels, text_pair=task.text_pair, max_seq_length=max_seq_length,
         provenance=provenance, dev_results=[LayerResult(layer=i, accuracy=a) for i, a in enumerate(accuracy, 1)],
-        calibration_inputs=dev_inputs, calibration_labels=task.dev.labels,
+        calibration_inputs=calibration_inputs, calibration_labels=rows.labels,
         tolerance_points=args.calibration_tolerance,
+        calibration_data=task.records.get("calibration", task.records["dev"]),
     )
     log.info("wrote %s: verification max |diff| %s, recommended threshold %.2f",
              args.out, max(manifest.verification.max_abs_logit_diff), manifest.recommended_threshold)

@@ -26,6 +26,7 @@ class Task:
     train: EncodedDataset
     dev: EncodedDataset
     distill_data: EncodedDataset  # train rows plus any unlabeled text
+    calibration: EncodedDataset | None = None  # held-out rows the export calibrates on; None: dev
     records: dict[str, DataFileRecord] = field(default_factory=dict)
     log_file: Path | None = None
     runtime: Runtime | None = None  # where it trains (training/runtime.py); None: one local process
@@ -85,6 +86,10 @@ def load_task(
     if data.unlabeled is not None:
         distill = EncodedDataset(train_examples + data.unlabeled.examples, encoder, raw_labels)
         records["unlabeled"] = _record(data.unlabeled, len(data.unlabeled.examples))
+    calibration = None
+    if data.calibration_examples:
+        calibration = EncodedDataset(data.calibration_examples, encoder, raw_labels)
+        records["calibration"] = _record(data.calibration_file, len(data.calibration_examples))
     return Task(teacher=str(teacher), labels=list(data.labels.names), source_labels=raw_labels,
                 text_pair=text_pair, encoder=encoder, tokenizer_file=tokenizer_file, train=train, dev=dev,
-                distill_data=distill, records=records)
+                distill_data=distill, calibration=calibration, records=records)
