@@ -60,6 +60,9 @@ class DataFileRecord(BaseModel):
     path: str
     sha256: str
     rows: int
+    # These rows are the part of the file held out of training (training/labels.py
+    # CALIBRATION_SEED), this fraction of it; none: the whole file.
+    held_out_fraction: float | None = None
 
 
 class Provenance(BaseModel):

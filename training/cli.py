@@ -287,6 +287,33 @@ def calibration_text(args: argparse.Namespace, manifest) -> list | None:
     return [e.text if e.text_pair is None else (e.text, e.text_pair) for e in chosen]
 
 
+def held_out_rows(args: argparse.Namespace, manifest):
+    """(inputs, class ids, record) the source bundle's exits were calibrated on, when they were
+    held out of its training file and that file is here unchanged; else None (dev)."""
+    from app.manifest import sha256_of
+    from training.labels import read_task_data
+
+    record = manifest.calibration_data
+    if record is None or not record.held_out_fraction:
+        return None
+    path = Path(record.path)
+    if not path.is_file() or sha256_of(path) != record.sha256:
+        log.warning("the source was calibrated on rows held out of %s, which is not here unchanged: "
+                    "recalibrating on --dev (in sample)", path)
+        return None
+    data = read_task_data(path, args.dev, text_columns=text_columns_of(args), label_column=args.label_column,
+                          calibration_split=record.held_out_fraction)
+    examples = data.calibration_examples
+    if len(examples) != record.rows:
+        log.warning("the held-out split of %s gives %d rows, not the %d the source was calibrated on: "
+                    "recalibrating on --dev (in sample)", path, len(examples), record.rows)
+        return None
+    inputs = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in examples]
+    import numpy as np
+
+    return inputs, np.array(manifest.label_ids([e.label for e in examples])), record
+
+
 def run_quantize(args: argparse.Namespace) -> None:
     from app.manifest import read_manifest
     from training.labelled import load_data
@@ -303,6 +330,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     log.info("dev %s: %s rows, labels (class: count): %s", args.dev, f"{len(inputs):,}",
              ", ".join(f"{name} x {counts[i]:,}" for i, name in enumerate(manifest.labels) if counts[i]))
     quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss,
+                    threshold_rows=held_out_rows(args, manifest),
                     method=args.method, calibration_inputs=calibration_text(args, manifest))
     print(f"int8 bundle written to {args.out}")
 

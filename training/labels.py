@@ -78,6 +78,7 @@ class TaskData:
     calibration_examples: list[Example] | None = None
     calibration_file: TextFile | None = None
     calibration_note: str = ""
+    calibration_split: float | None = None  # the fraction held out of the training file, if that is where
 
 
 def parse_list(value: str | None, option: str) -> list[str] | None:
@@ -273,7 +274,7 @@ def read_task_data(
         held = set(random.Random(CALIBRATION_SEED).sample(range(len(used)), count))
         data.calibration_examples = [e for i, e in enumerate(used) if i in held]
         data.train_examples = [e for i, e in enumerate(used) if i not in held]
-        data.calibration_file = train
+        data.calibration_file, data.calibration_split = train, calibration_split
         data.calibration_note = f"{count:,} rows of {train.path} held out of training (--calibration-split {calibration_split:g})"
     if data.calibration_examples is not None:
         log.info("calibration: %s; %s rows left to train on", data.calibration_note, f"{len(data.train_examples):,}")

@@ -31,7 +31,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQua
 
 from app.encoding import TextEncoder
 from app.engine import Engine
-from app.manifest import QuantizationReport, describe_file, read_manifest, write_manifest
+from app.manifest import DataFileRecord, QuantizationReport, describe_file, read_manifest, write_manifest
 from app.calibration import layer_probabilities, make_batches
 from training import progress
 from training.errors import QuantizationRefused
@@ -167,7 +167,8 @@ def layer_accuracy(engine: Engine, encoder: TextEncoder, inputs: Sequence, label
 
 def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_labels: np.ndarray,
                     tolerance_points: float = 0.5, max_loss_points: float = 0.5,
-                    method: str = "static", calibration_inputs: Sequence | None = None) -> None:
+                    method: str = "static", calibration_inputs: Sequence | None = None,
+                    threshold_rows: tuple[Sequence, np.ndarray, DataFileRecord] | None = None) -> None:
     """Write the int8 bundle to out_dir, refusing it if full-depth dev accuracy drops by more
     than `max_loss_points` against the fp32 source, or if a row's answer depends on its batch."""
     if method not in METHODS:
@@ -219,7 +220,12 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
         )
         for result, acc in zip(manifest.dev_results, int8):
             result.accuracy = acc
+        # The exits' calibration again, on the rows the source was calibrated on when they are
+        # known (held out of training), else on dev.
+        cal_inputs, cal_labels, record = threshold_rows or (dev_inputs, dev_labels, manifest.provenance.dev)
         manifest.calibration, manifest.recommended_threshold = progress.calibrate(
-            engine, encoder, dev_inputs, dev_labels, tolerance_points=tolerance_points)
+            engine, encoder, cal_inputs, cal_labels, tolerance_points=tolerance_points,
+            name="calibration sweep" if threshold_rows else "dev calibration sweep")
+        manifest.calibration_data = record
         write_manifest(staging, manifest)
         staged.publish()

@@ -90,6 +90,7 @@ def load_task(
     if data.calibration_examples:
         calibration = EncodedDataset(data.calibration_examples, encoder, raw_labels)
         records["calibration"] = _record(data.calibration_file, len(data.calibration_examples))
+        records["calibration"].held_out_fraction = data.calibration_split
     return Task(teacher=str(teacher), labels=list(data.labels.names), source_labels=raw_labels,
                 text_pair=text_pair, encoder=encoder, tokenizer_file=tokenizer_file, train=train, dev=dev,
                 distill_data=distill, calibration=calibration, records=records)

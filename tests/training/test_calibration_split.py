@@ -39,3 +39,9 @@ def test_the_export_calibrates_on_the_held_out_rows_not_on_dev(tiny_bundle, tiny
     full = next(p for p in manifest.calibration if p.threshold == 0.0)
     assert full.accuracy == pytest.approx(float((probs[-1].argmax(-1) == labels).mean()))
     assert len(manifest.dev_results) == manifest.num_layers  # dev: reported, out of sample
+
+
+def test_quantisation_recalibrates_on_the_same_held_out_rows(tiny_bundle, tiny_int8_bundle):
+    source, quantised = read_manifest(tiny_bundle["bundle"]), read_manifest(tiny_int8_bundle)
+    assert quantised.calibration_data == source.calibration_data
+    assert quantised.calibration_data.held_out_fraction == 0.1
