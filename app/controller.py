@@ -1,7 +1,8 @@
 """A latency objective for requests that set no threshold: when the measured p99 rises above
 OFFRAMP_TARGET_P99_MS under load, the default threshold of such requests goes up a step of the
 model's calibration table, never beyond the largest threshold whose calibrated accuracy is within
-OFFRAMP_MAX_ACCURACY_DROP points of full depth; as load falls it comes back down, step by step,
+OFFRAMP_MAX_ACCURACY_DROP points of full depth (the steps: the thresholds whose speed calibration
+measured); as load falls it comes back down, step by step,
 to the model's recommended threshold. (Apparate, SOSP 2024, tunes thresholds at run time under
 an accuracy constraint; here the control is latency under an accuracy ceiling.)
 
@@ -26,19 +27,20 @@ MIN_SAMPLES = 20
 
 def threshold_steps(manifest: Manifest, max_accuracy_drop: float) -> list[float]:
     """The thresholds the controller may use, in order: the recommended one, then each larger
-    calibrated threshold within the accuracy budget."""
+    threshold whose speed calibration measured (a coarse grid, 0.05 apart: a step that pays) and
+    whose accuracy is within the budget."""
     points = sorted(manifest.calibration, key=lambda p: p.threshold)
     full = next((p.accuracy for p in points if p.threshold == 0.0), None)
     start = manifest.recommended_threshold
     if full is None:
         return [start]
-    inside = [p.threshold for p in points
-              if p.threshold > start and (full - p.accuracy) * 100 <= max_accuracy_drop + 1e-9]
+    inside = [p.threshold for p in points if p.threshold > start and p.measured_speedup is not None
+              and (full - p.accuracy) * 100 <= max_accuracy_drop + 1e-9]
     return [start, *inside]
 
 
 class ThresholdController:
-    def __init__(self, steps: list[float], target_p99_ms: float, window_s: float = 5.0,
+    def __init__(self, steps: list[float], target_p99_ms: float, window_s: float = 2.0,
                  clock=time.monotonic):
         self.steps = steps
         self.target_s = target_p99_ms / 1000

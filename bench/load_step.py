@@ -5,8 +5,8 @@ over time, in one run on this machine (app/controller.py).
     python -m bench.load_step --model-dir models --data ../shared/data/glue/SST-2/dev.tsv \\
         --target-p99-ms 150 --max-accuracy-drop 3 --json docs/bench/load-step.json --plot docs/images/load-step.png
 
-Each client sends one labelled sentence per request (drawn from the file at random, the same
-draws in both runs) and never sets a threshold, so every request gets the default one, which is
+Each client sends one labelled sentence per request (drawn from the file at random, one seed
+for both runs) and never sets a threshold, so every request gets the default one, which is
 what the controller moves.
 """
 

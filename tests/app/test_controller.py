@@ -31,10 +31,12 @@ def _feed(controller, clock, ms: float, n: int = 50) -> float:
 def test_steps_run_from_the_recommended_threshold_to_the_accuracy_budget(tiny_bundle):
     manifest = read_manifest(tiny_bundle["bundle"])
     accuracy = {0.0: 0.90, 0.1: 0.90, 0.2: 0.895, 0.3: 0.89, 0.4: 0.87, 0.5: 0.80}
-    manifest.calibration = [CalibrationPoint(threshold=t, accuracy=a, mean_exit_layer=1, ideal_speedup=1)
+    manifest.calibration = [CalibrationPoint(threshold=t, accuracy=a, mean_exit_layer=1, ideal_speedup=1,
+                                             measured_speedup=1.0 + t)
                             for t, a in accuracy.items()]
+    manifest.calibration.append(CalibrationPoint(threshold=0.25, accuracy=0.9, mean_exit_layer=1, ideal_speedup=1))
     manifest.recommended_threshold = 0.1
-    assert threshold_steps(manifest, 1.0) == [0.1, 0.2, 0.3]
+    assert threshold_steps(manifest, 1.0) == [0.1, 0.2, 0.3]  # 0.25: its speed was not measured
     assert threshold_steps(manifest, 3.0) == [0.1, 0.2, 0.3, 0.4]
     assert threshold_steps(manifest, 0.0) == [0.1]
 
