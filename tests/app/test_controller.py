@@ -66,16 +66,15 @@ def test_the_server_reports_the_threshold_in_force(tiny_bundle):
     settings = Settings(model_dir=tiny_bundle["models"], target_p99_ms=0.001, max_accuracy_drop=100)
     with TestClient(create_app(settings)) as client:
         model = client.app.state.registry.get("tiny")
-        assert model.controller.threshold == model.manifest.recommended_threshold
-        for _ in range(30):
-            client.post("/v1/models/tiny/predict", json={"inputs": ["a fine film"]})
-        deadline = time.monotonic() + 10
+        assert model.controller.steps[0] == model.manifest.recommended_threshold
+        # Steps of its own, so the test does not hang on where this tiny model's calibration fell.
+        model.controller = ThresholdController([0.2, 0.6], target_p99_ms=0.001)
+        deadline = time.monotonic() + 20
         while model.controller.level == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert model.controller.level >= 1  # every request is over a 1 us target
+            client.post("/v1/models/tiny/predict", json={"inputs": ["a fine film"]})  # each over 1 us
+        assert model.controller.level == 1
         body = client.post("/v1/models/tiny/predict", json={"inputs": ["a fine film"]}).json()
-        assert body["threshold"] == pytest.approx(model.controller.threshold)
-        metrics = client.get("/metrics").text
-        assert 'offramp_default_threshold{model="tiny"}' in metrics
+        assert body["threshold"] == pytest.approx(0.6)
+        assert 'offramp_default_threshold{model="tiny"} 0.6' in client.get("/metrics").text
         assert client.post("/v1/models/tiny/predict",
                            json={"inputs": ["a fine film"], "threshold": 0.0}).json()["threshold"] == 0.0

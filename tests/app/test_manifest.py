@@ -16,7 +16,7 @@ def test_exported_manifest_verifies_and_records_provenance(bundle_copy):
     assert m.num_layers == len(m.graphs.layers) == len(m.dev_results) == 3
     assert m.verification.passed and max(m.verification.max_abs_logit_diff) <= 1e-4
     assert set(m.verification.inputs) == {"random", "real"}
-    assert m.provenance.seed == 42 and m.provenance.train.rows == 300
+    assert m.provenance.seed == 42 and m.provenance.train.rows == 270  # 30 held out for calibration
     assert m.provenance.unlabeled.rows == 100 and m.source_labels == ["0", "1"]
     assert len(m.provenance.train.sha256) == 64 and m.provenance.command.startswith("offramp train")
     assert m.calibration[0].threshold == 0.0 and m.calibration[-1].threshold == 1.0
