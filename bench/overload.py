@@ -54,8 +54,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from bench.load import Connection, start_server, stop_server
 from bench.soak import DEFAULT_DATA, LogTail, _fmt, percentiles, process_stats
 from training.data import read_examples

@@ -89,7 +89,7 @@ def test_the_command_is_one_offramp_accepts_and_it_resumes_from_the_shared_volum
     assert args.command == "train" and args.save_every > 0
     # The state the resume check looks for is the one --save-every writes, on the shared volume.
     state = re.search(r'state="([^"]+)"', script).group(1).replace("$RUN", env["RUN"])
-    assert str(args.state_dir) == state and f'-f "$state/offramp_state.json"' in script
+    assert str(args.state_dir) == state and '-f "$state/offramp_state.json"' in script
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
     work = volumes[mounts[train["workingDir"]]]

@@ -68,7 +68,6 @@ def test_static_int8_layers_compute_in_int8_with_uint8_activations(tiny_int8_bun
 
 def test_uint8_rewrite_keeps_every_dequantised_value():
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

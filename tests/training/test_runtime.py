@@ -203,7 +203,7 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_resume(data_and_teacher):
     run.send_signal(signal.SIGTERM)
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 2, err[-2000:]
-    assert f"offramp: error: interrupted at run step" in err and f"--resume {state}" in err
+    assert "offramp: error: interrupted at run step" in err and f"--resume {state}" in err
     assert json.loads((state / "offramp_state.json").read_text())["global_step"] % 5 == 0
     leftovers = [p.name for p in (work / "runs").iterdir() if "term" in p.name]
     assert leftovers == [] and not (work / "models" / "term").exists()
