@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from app.batcher import Batcher
+from app.controller import ThresholdController
 from app.bundle import open_encoder, open_engine
 from app.cascade import CascadeEncoder, CascadeEngine
 from app.encoding import TextEncoder
@@ -36,7 +37,7 @@ class LoadedModel:
     encoder: TextEncoder | CascadeEncoder
     engine: Engine | CascadeEngine
     batcher: Batcher | None = None
-    controller: object | None = None  # app/controller.py, with OFFRAMP_TARGET_P99_MS
+    controller: ThresholdController | None = None  # with OFFRAMP_TARGET_P99_MS
     fingerprint: str = ""  # the manifest's file digests: a changed bundle is reloaded
 
     @property
