@@ -90,9 +90,6 @@ class CascadeEngine:
         last = self.engines[-1]
         self.active_provider, self.device, self.io_binding = last.active_provider, last.device, last.io_binding
 
-    def stage_manifests(self) -> list[Manifest]:
-        return [engine.manifest for engine in self.engines]
-
     # Patience counts exits in a row, and a stage boundary would reset the count.
     policies = tuple(p for p in POLICIES if p != "patience")
 
