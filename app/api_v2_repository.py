@@ -8,7 +8,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api_v2 import input_names, lookup, parse_version
+from app.api_v2 import lookup, parse_version
+from app.api_v2_request import input_names
 from app.api_v2_types import ERRORS, OUTPUT_NAMES, USED_PARAMETERS
 from app.auth import require_api_key
 from app.metrics import Duration, ModelStats

@@ -174,7 +174,7 @@ MODEL_DEPENDENT_REFUSALS = (
 )
 # /v2's infer schema cannot say either that a tensor's shape counts its data, that the inputs are
 # the model's (text_pair only for pair models, each once; outputs too), or the model's depth: the same kind
-# of refusal, as 400 naming the tensor's field (app/api_v2.py parse_input, parse_request).
+# of refusal, as 400 naming the tensor's field (app/api_v2_request.py parse_input, parse_request).
 V2_MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"inputs\[\d+\]\.shape"), ("elements but", "differs from the shape of 'text'")),
     (re.compile(r"inputs\[\d+\]\.name"), ("unexpected inference input", "is given twice")),
