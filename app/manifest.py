@@ -8,6 +8,11 @@ A bundle is a folder:
 
 A cascade (`offramp cascade`) is a folder of whole bundles under `stages/`, run in order as one
 network whose layers are numbered on through the stages; its manifest lists every stage file.
+
+A multi-task bundle (`offramp train multitask`) has one encoder for several tasks: its
+layer_NN.onnx are the shared layers alone, (hidden, attention_mask) -> hidden_out, and every task
+has its own exit after every layer, heads/TASK/exit_NN.onnx: (hidden, attention_mask) -> logits
+([rows, classes], or [rows, 1] for a regression task's score). `tasks` lists them.
 """
 
 from __future__ import annotations
@@ -99,11 +104,13 @@ class Verification(BaseModel):
 class CalibrationPoint(BaseModel):
     threshold: float | None  # None: patience alone reads no threshold
     patience: int | None = None
-    accuracy: float
+    accuracy: float | None  # None: a regression task (its `metric` is the score)
     mean_exit_layer: float
     ideal_speedup: float
     measured_speedup: float | None = None
     agreement: float | None = None  # rows whose answer is full depth's (what the audit monitor expects)
+    # A multi-task bundle's task: the value of its metric (TaskHead.metric) at this setting.
+    metric: float | None = None
 
 
 class PolicyCalibration(BaseModel):
@@ -113,6 +120,63 @@ class PolicyCalibration(BaseModel):
     points: list[CalibrationPoint]
     recommended_threshold: float | None = None
     recommended_patience: int | None = None
+
+
+TASK_METRICS = ("accuracy", "matthews", "f1", "pearson")
+
+
+class TaskLayerResult(BaseModel):
+    layer: int
+    metrics: dict[str, float]  # every GLUE metric of the task at this exit (training/glue_metrics.py)
+
+
+class TaskHead(BaseModel):
+    """One task of a multi-task bundle: its exit heads over the shared layers, its labels (or a
+    regression score), and its own calibration.
+
+    Classification rows leave by the request's policy, as in a single-task bundle. Regression
+    rows leave by PABEE's rule for regression: after `patience` consecutive exits whose score
+    moved less than threshold x (score_range[1] - score_range[0]) from the exit before (so the
+    threshold means the same 0 = full depth, 1 = as early as patience allows)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["classification", "regression"] = "classification"
+    labels: list[str] = Field(default_factory=list)  # served names; none for regression
+    source_labels: list[str] | None = None
+    text_pair: bool = False
+    metric: Literal["accuracy", "matthews", "f1", "pearson"] = "accuracy"  # what calibration keeps
+    exits: list[str] = Field(min_length=1)  # heads/TASK/exit_NN.onnx, one per shared layer
+    score_range: tuple[float, float] | None = None  # regression: the training labels' min and max
+    exit_temperatures: list[float] | None = None  # max_prob's, per exit (classification)
+    recommended_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    recommended_patience: int | None = None  # regression: its rule's patience
+    calibration: list[CalibrationPoint] = Field(default_factory=list)
+    policies: dict[str, PolicyCalibration] = Field(default_factory=dict)
+    dev_results: list[TaskLayerResult] = Field(default_factory=list)
+    # Dev metrics with exits at the recommended setting, and the wall-time speed-up against full
+    # depth measured on dev at export (calibration rows are held out of training, not dev).
+    dev_at_recommended: dict[str, float] = Field(default_factory=dict)
+    calibration_data: DataFileRecord | None = None
+    train: DataFileRecord | None = None
+    dev: DataFileRecord | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskHead:
+        if self.kind == "classification" and len(self.labels) < 2:
+            raise ValueError(f"task {self.name!r}: a classification task needs at least two labels")
+        if self.kind == "regression":
+            if self.labels:
+                raise ValueError(f"task {self.name!r}: a regression task has no labels")
+            if self.score_range is None or not self.score_range[1] > self.score_range[0]:
+                raise ValueError(f"task {self.name!r}: a regression task needs score_range [low, high]")
+            if self.metric != "pearson":
+                raise ValueError(f"task {self.name!r}: a regression task is scored by pearson")
+        return self
+
+    @property
+    def width(self) -> int:
+        """Columns of its heads' logits."""
+        return 1 if self.kind == "regression" else len(self.labels)
 
 
 class QuantizationReport(BaseModel):
@@ -126,8 +190,9 @@ class QuantizationReport(BaseModel):
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str
-    task: Literal["classification"] = "classification"
-    labels: list[str] = Field(min_length=2)  # served names; the index is the class id
+    task: Literal["classification", "multitask"] = "classification"
+    # Served names, the index is the class id; a multi-task bundle has none (its tasks have).
+    labels: list[str] = Field(default_factory=list)
     # The labels as written in the training file, in class-id order ("0", "1" for SST-2 served
     # as "negative", "positive"); data files are mapped to class ids through this.
     source_labels: list[str] | None = None
@@ -145,6 +210,7 @@ class Manifest(BaseModel):
     tokenizer: str = "tokenizer.json"
     graphs: Graphs | None = None  # a single bundle's graphs; a cascade has stages instead
     stages: list[Stage] | None = None
+    tasks: list[TaskHead] | None = None  # a multi-task bundle's tasks (task == "multitask")
     files: list[BundleFile]
     quantization: QuantizationReport | None = None
     provenance: Provenance
@@ -164,8 +230,14 @@ class Manifest(BaseModel):
             )
         if (self.graphs is None) == (self.stages is None):
             raise ValueError("a manifest has either graphs (one bundle) or stages (a cascade)")
+        if (self.task == "multitask") != (self.tasks is not None):
+            raise ValueError("a multitask manifest lists its tasks, and only it does")
+        if self.tasks is None and len(self.labels) < 2:
+            raise ValueError("labels: at least two are needed")
         if self.stages is not None:
             needed = self._check_stages()
+        elif self.tasks is not None:
+            needed = self._check_tasks()
         else:
             if len(self.graphs.layers) != self.num_layers:
                 raise ValueError(
@@ -189,6 +261,25 @@ class Manifest(BaseModel):
         if first - 1 != self.num_layers:
             raise ValueError(f"num_layers is {self.num_layers} but the stages have {first - 1}")
         return {f"{stage.path}/{MANIFEST_NAME}" for stage in self.stages}
+
+    def _check_tasks(self) -> set[str]:
+        if self.stages is not None or self.graphs is None:
+            raise ValueError("a multi-task bundle has graphs (its shared layers), not stages")
+        if not self.tasks:
+            raise ValueError("tasks: at least one is needed")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: names must be unique, got {names}")
+        needed = {self.tokenizer, self.graphs.embeddings, *self.graphs.layers}
+        for t in self.tasks:
+            if len(t.exits) != self.num_layers:
+                raise ValueError(f"task {t.name!r} has {len(t.exits)} exits for {self.num_layers} layers")
+            needed.update(t.exits)
+        return needed
+
+    def task_index(self, name: str) -> int | None:
+        """The position of task `name` in `tasks`; None when it has none of that name."""
+        return next((i for i, t in enumerate(self.tasks or []) if t.name == name), None)
 
     def stage_of(self, layer: int) -> tuple[Stage, int] | None:
         """The stage a cascade layer (1-based) belongs to, and its number inside that stage."""

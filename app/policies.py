@@ -12,6 +12,10 @@ leave: 0 = full depth, 1 = the first exit allowed. So one slider means the same 
   consecutive exits (so no earlier than exit patience + 1). With a threshold as well (PCEE-BERT,
   Zhang et al., 2022): leave after `patience` consecutive exits whose entropy is under it.
 
+A regression task's rows (multi-task bundles) have one rule, PABEE's for regression: leave after
+`patience` consecutive exits whose score moved less than threshold x the task's score range
+from the exit before (`regression_step`).
+
 Whatever the policy, a row never leaves before its min_layers and always leaves at its
 max_layers or the last layer. The engine applies `step` layer by layer to the rows still running
 (rows are independent: a row's state is its own), and `simulate` applies the same `step` to
@@ -27,7 +31,7 @@ import numpy as np
 from app.uncertainty import normalized_entropy, softmax
 
 POLICIES = ("entropy", "max_prob", "patience")
-ENTROPY, MAX_PROB, PATIENCE, CONFIDENT_PATIENCE = 0, 1, 2, 3
+ENTROPY, MAX_PROB, PATIENCE, CONFIDENT_PATIENCE, REGRESSION = 0, 1, 2, 3, 4
 
 
 def policy_code(name: str, threshold: float | None) -> int:
@@ -70,13 +74,16 @@ class ExitState:
 
     previous: np.ndarray  # class id at the last exit, -1 before the first
     streak: np.ndarray
+    score: np.ndarray | None = None  # regression rows: the score at the last exit, NaN before the first
 
     @classmethod
     def start(cls, rows: int) -> ExitState:
-        return cls(np.full(rows, -1, dtype=np.int64), np.zeros(rows, dtype=np.int64))
+        return cls(np.full(rows, -1, dtype=np.int64), np.zeros(rows, dtype=np.int64),
+                   np.full(rows, np.nan, dtype=np.float64))
 
     def take(self, index) -> ExitState:
-        return ExitState(self.previous[index], self.streak[index])
+        return ExitState(self.previous[index], self.streak[index],
+                         None if self.score is None else self.score[index])
 
 
 def top_probability_uncertainty(probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -104,7 +111,34 @@ def step(layer: int, num_layers: int, probs: np.ndarray, settings: ExitSettings,
         default=streak >= settings.patience)
     leaving = (layer >= num_layers) | (layer >= settings.max_layers) | \
         ((layer >= settings.min_layers) & confident)
-    return leaving, entropy, ExitState(prediction, streak)
+    return leaving, entropy, ExitState(prediction, streak, state.score)
+
+
+def regression_step(layer: int, num_layers: int, scores: np.ndarray, settings: ExitSettings, state: ExitState,
+                    score_range: float) -> tuple[np.ndarray, np.ndarray, ExitState]:
+    """After exit `layer` (1-based), for regression rows of scores [rows]: (which rows leave, how
+    far each score moved from the exit before as a fraction of the score range (1 at the first
+    exit), the new state). PABEE's regression rule; a patience below 1 counts as 1."""
+    previous = state.score if state.score is not None else np.full(len(scores), np.nan)
+    moved = np.where(np.isnan(previous), 1.0, np.abs(scores - previous) / score_range).astype(np.float32)
+    steady = (moved < settings.threshold) | ((settings.threshold >= 1.0) & ~np.isnan(previous))
+    streak = np.where(steady, state.streak + 1, 0)
+    leaving = (layer >= num_layers) | (layer >= settings.max_layers) | \
+        ((layer >= settings.min_layers) & (streak >= np.maximum(settings.patience, 1)))
+    return leaving, moved, ExitState(state.previous, streak, scores.astype(np.float64))
+
+
+def simulate_regression(layer_scores: np.ndarray, settings: ExitSettings,
+                        score_range: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exit layer (1-based) and final score of each row from every exit's scores [layers, rows],
+    by the same `regression_step` the engine takes."""
+    num_layers, rows = layer_scores.shape
+    exit_layer = np.zeros(rows, dtype=np.int64)
+    state = ExitState.start(rows)
+    for layer in range(1, num_layers + 1):
+        leaving, _, state = regression_step(layer, num_layers, layer_scores[layer - 1], settings, state, score_range)
+        exit_layer[(exit_layer == 0) & leaving] = layer
+    return exit_layer, layer_scores[exit_layer - 1, np.arange(rows)]
 
 
 def simulate(layer_probs: np.ndarray, settings: ExitSettings,

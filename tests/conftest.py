@@ -79,3 +79,37 @@ def tiny_cascade(tmp_path_factory, tiny_bilstm, tiny_bundle) -> Path:
     main(["cascade", "--stages", f"{tiny_bilstm['bundle']},{tiny_bundle['bundle']}",
           "--dev", str(tiny_bundle["dev"]), "--out", str(out), "--threads", "2"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_multitask_data(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Three tiny tasks from the shared GLUE files: sent (SST-2), pair (MRPC), sim (STS-B)."""
+    from tests.tiny import glue_subset
+
+    if not SST2.is_dir():
+        pytest.skip(f"shared data not found at {SST2}")
+    root = tmp_path_factory.mktemp("mt-data")
+    return {"sent": glue_subset(root, "SST-2", 200, 48), "pair": glue_subset(root, "MRPC", 160, 40),
+            "sim": glue_subset(root, "STS-B", 160, 40)}
+
+
+@pytest.fixture(scope="session")
+def tiny_multitask_bundle(tmp_path_factory, tiny_multitask_data) -> Path:
+    """A multi-task bundle (tasks sent, pair, sim; 3 shared layers) trained with 2-member
+    teacher ensembles and exported through the real `offramp train multitask` command."""
+    from app.cli import main
+    from training.data import read_examples
+
+    root = tmp_path_factory.mktemp("mt")
+    texts = [t for train, _ in tiny_multitask_data.values() for e in read_examples(train).examples
+             for t in (e.text, e.text_pair) if t]
+    encoder = tiny_teacher(root / "bert", texts)
+    out = root / "models" / "tiny-mt"
+    args = ["train", "multitask", "--teacher", str(encoder), "--out", str(out), "--checkpoint", str(root / "ckpt"),
+            "--ensemble-size", "2", "--teacher-epochs", "1", "--epochs", "2", "--distill-epochs", "1",
+            "--lr", "1e-3", "--teacher-lr", "1e-3", "--distill-lr", "1e-3", "--batch-size", "16",
+            "--head-width", "16", "--threads", "2"]
+    for name, (train, dev) in tiny_multitask_data.items():
+        args += ["--task", f"{name}={train},{dev}"]
+    main(args)
+    return out

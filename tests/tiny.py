@@ -55,3 +55,16 @@ def tiny_teacher(directory: Path, texts: list[str], layers: int = 3, hidden: int
                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     model.save_pretrained(directory)
     return directory
+
+
+def glue_subset(directory: Path, task: str, train_rows: int, dev_rows: int) -> tuple[Path, Path]:
+    """The first rows of a shared GLUE task's train and dev files, header (if any) kept as is."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for split, rows in (("train", train_rows), ("dev", dev_rows)):
+        lines = (SHARED_GLUE / task / f"{split}.tsv").read_text(encoding="utf-8-sig").splitlines(keepends=True)
+        headerless = task == "CoLA"
+        path = directory / f"{task}-{split}.tsv"
+        path.write_text("".join(lines[: rows + (0 if headerless else 1)]))
+        out.append(path)
+    return out[0], out[1]

@@ -293,3 +293,7 @@ def register_train(subparsers) -> None:
                                  f"student ({names}), then give it exits")
     add_distill_arguments(distill)
     distill.set_defaults(func=command(run_distill))
+
+    from training.multitask_cli import register as register_multitask
+
+    register_multitask(methods)

@@ -65,6 +65,16 @@ class LabelMap:
 CALIBRATION_SEED = 20261201
 
 
+def hold_out(rows: list, fraction: float) -> tuple[list, list]:
+    """(rows kept for training, rows held out): `fraction` of them, the same ones whatever the
+    run's seed (CALIBRATION_SEED)."""
+    count = max(1, round(len(rows) * fraction))
+    if count >= len(rows):
+        raise DataError(f"--calibration-split {fraction}: {len(rows)} training rows leave none to train on")
+    held = set(random.Random(CALIBRATION_SEED).sample(range(len(rows)), count))
+    return [e for i, e in enumerate(rows) if i not in held], [e for i, e in enumerate(rows) if i in held]
+
+
 @dataclass
 class TaskData:
     """The files of a run as read and checked: what `training.task.load_task` encodes."""
@@ -268,14 +278,10 @@ def read_task_data(
         data.calibration_examples, data.calibration_file = file.examples, file
         data.calibration_note = f"all of {file.path}"
     elif calibration_split > 0:
-        count = max(1, round(len(used) * calibration_split))
-        if count >= len(used):
-            raise DataError(f"--calibration-split {calibration_split}: {len(used)} training rows leave none to train on")
-        held = set(random.Random(CALIBRATION_SEED).sample(range(len(used)), count))
-        data.calibration_examples = [e for i, e in enumerate(used) if i in held]
-        data.train_examples = [e for i, e in enumerate(used) if i not in held]
+        data.train_examples, data.calibration_examples = hold_out(used, calibration_split)
         data.calibration_file, data.calibration_split = train, calibration_split
-        data.calibration_note = f"{count:,} rows of {train.path} held out of training (--calibration-split {calibration_split:g})"
+        data.calibration_note = (f"{len(data.calibration_examples):,} rows of {train.path} held out of training "
+                                 f"(--calibration-split {calibration_split:g})")
     if data.calibration_examples is not None:
         log.info("calibration: %s; %s rows left to train on", data.calibration_note, f"{len(data.train_examples):,}")
     else:

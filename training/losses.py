@@ -117,3 +117,34 @@ def normalized_cls_mse(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> 
     [CLS] vectors ([rows, layers, width]), averaged, as the reference's MSELoss does, over rows,
     layers and width (this average is what its b = 500 is tuned for)."""
     return F.mse_loss(F.normalize(student_cls, dim=-1), F.normalize(teacher_cls.detach(), dim=-1))
+
+
+# -- multi-task distillation (MT-DNN-KD, Liu et al. 2019) -------------------------------------
+
+def ensemble_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """CE(soft targets) = -sum_c q_c log softmax(z)_c, mean over rows: q the ensemble's averaged
+    class probabilities (already probabilities: there is no one teacher logit to soften)."""
+    return -(teacher_probs.detach() * F.log_softmax(student_logits, dim=-1)).sum(-1).mean()
+
+
+def mtdnn_kd_classification(student_logits: torch.Tensor, labels: torch.Tensor,
+                            teacher_probs: torch.Tensor | None) -> torch.Tensor:
+    """MT-DNN-KD on a classification task: the average of CE(hard labels) and CE(soft targets);
+    a task without a teacher (None) has its plain CE."""
+    hard = cross_entropy(student_logits, labels)
+    return hard if teacher_probs is None else 0.5 * (hard + ensemble_cross_entropy(teacher_probs, student_logits))
+
+
+def mtdnn_kd_regression(student_scores: torch.Tensor, targets: torch.Tensor,
+                        teacher_scores: torch.Tensor | None) -> torch.Tensor:
+    """The same for regression with MSE: the average of MSE(labels) and MSE(the ensemble's mean
+    score); without a teacher, MSE(labels)."""
+    scores = student_scores.reshape(-1)
+    hard = F.mse_loss(scores, targets.to(scores.dtype))
+    return hard if teacher_scores is None else 0.5 * (hard + F.mse_loss(scores, teacher_scores.detach().to(scores.dtype)))
+
+
+def score_self_distillation(teacher_scores: torch.Tensor, exit_scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FastBERT's self-distillation for a regression head: sum_i MSE(y_exit_i, y_last)."""
+    teacher = teacher_scores.detach().reshape(-1)
+    return torch.stack([F.mse_loss(y.reshape(-1), teacher) for y in exit_scores]).sum()
