@@ -41,6 +41,8 @@ def add_multitask_arguments(p: argparse.ArgumentParser) -> None:
                         "or members of an earlier run) instead of training them")
     p.add_argument("--label-names", action="append", default=[], metavar="NAME=A,B",
                    help="names to serve for a task's labels (as --label-names of `train fastbert`)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                   help="train on the first N rows of the task's training file (overrides --limit-train)")
     p.add_argument("--regression", action="append", default=[], metavar="NAME",
                    help="treat the task as regression whatever its labels look like")
     p.add_argument("--calibration-split", type=float, default=0.1, metavar="F",
@@ -104,6 +106,11 @@ def run_multitask(args: argparse.Namespace) -> None:
     stray = sorted(set(given) - {s.name for s in specs})
     if stray:
         raise CommandError(f"--teachers names {stray}, not among the tasks {[s.name for s in specs]}")
+    limits = {}
+    for name, values in _named_lists(args.limit, "--limit").items():
+        if name not in {s.name for s in specs} or len(values) != 1 or not values[0].isdigit() or int(values[0]) < 1:
+            raise CommandError(f"--limit {name}={','.join(values)}: expected a task's name = a row count")
+        limits[name] = int(values[0])
     checkpoint = output_paths(args)
     teachers_dir = args.teachers_dir or checkpoint.with_name(checkpoint.name + "-teachers")
 
@@ -115,7 +122,7 @@ def run_multitask(args: argparse.Namespace) -> None:
     with Staged(checkpoint) as staged:
         tokenizer_file = resolve_tokenizer(args.teacher, staged.path)
         encoder = TextEncoder.from_file(tokenizer_file, cfg.max_seq_length)
-        parts = [read_part(s, encoder, args.calibration_split, cfg.limit_train, label_names.get(s.name),
+        parts = [read_part(s, encoder, args.calibration_split, limits.get(s.name, cfg.limit_train), label_names.get(s.name),
                            True if s.name in regression else None) for s in specs]
         recipe = {"method": "multitask", **dataclasses.asdict(cfg),
                   "tasks": {p.name: {"train": p.records["train"].sha256, "dev": p.records["dev"].sha256}
