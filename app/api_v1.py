@@ -17,6 +17,7 @@ from app.schemas import (
     PredictResponse,
     ReloadResponse,
     StageInfo,
+    TaskInfo,
     Timing,
 )
 from app.http_body import off_the_loop, parse_model, parse_version, read_body
@@ -26,6 +27,7 @@ from app.service import (
     admit,
     classify_for_http,
     count_refusal,
+    resolve_task,
     timing_headers,
 )
 
@@ -42,30 +44,40 @@ def model_info(request: Request, model: LoadedModel) -> ModelInfo:
                      exit_head=m.exit_head, default=model.name == registry.default_name,
                      stages=None if not m.stages else [
                          StageInfo(name=s.name, layers=s.num_layers, first_layer=s.first_layer,
-                                   exit_head=s.exit_head, max_seq_length=s.max_seq_length) for s in m.stages])
+                                   exit_head=s.exit_head, max_seq_length=s.max_seq_length) for s in m.stages],
+                     tasks=None if m.tasks is None else [
+                         TaskInfo(name=t.name, kind=t.kind, labels=t.labels, text_pair=t.text_pair, metric=t.metric,
+                                  score_range=None if t.score_range is None else list(t.score_range),
+                                  recommended_threshold=t.recommended_threshold,
+                                  recommended_patience=t.recommended_patience) for t in m.tasks])
 
 
 def to_response(result: Classification, return_probabilities: bool) -> PredictResponse:
-    manifest, labels = result.model.manifest, result.model.manifest.labels
+    manifest, head = result.model.manifest, result.task_head
+    labels = head.labels if head is not None else manifest.labels
+    regression = head is not None and head.kind == "regression"
     rows = result.result
     predictions = []
     for row in range(len(rows.exit_layer)):
-        probs = rows.probabilities[row]
-        best = int(probs.argmax())
         layer = int(rows.exit_layer[row])
+        common = dict(exit_layer=layer, uncertainty=float(rows.uncertainty[row]),
+                      truncated=bool(result.batch.truncated[row]))
+        if regression:  # the score alone: no label, no probabilities
+            predictions.append(Prediction(score=float(rows.probabilities[row, 0]), **common))
+            continue
+        probs = rows.probabilities[row, :len(labels)]  # a multi-task row: its own task's columns
+        best = int(probs.argmax())
         stage = manifest.stage_of(layer)
         predictions.append(Prediction(
             label=labels[best], label_id=best, score=float(probs[best]),
             probabilities={l: float(p) for l, p in zip(labels, probs)} if return_probabilities else None,
-            exit_layer=layer, uncertainty=float(rows.uncertainty[row]),
-            stage=stage[0].name if stage else None, stage_layer=stage[1] if stage else None,
-            truncated=bool(result.batch.truncated[row]),
+            stage=stage[0].name if stage else None, stage_layer=stage[1] if stage else None, **common,
         ))
     truncated = [i for i, t in enumerate(result.batch.truncated) if t]
     warnings = ([f"inputs{truncated} longer than {manifest.max_seq_length} tokens were truncated"]
                 if truncated else [])
     return PredictResponse(
-        model=result.model.name, threshold=result.threshold, policy=result.policy, patience=result.patience,
+        model=result.model.name, task=head.name if head is not None else None, threshold=result.threshold, policy=result.policy, patience=result.patience,
         predictions=predictions,
         layers_executed=rows.layers_executed, layers_full=len(predictions) * manifest.num_layers,
         warnings=warnings,
@@ -93,7 +105,7 @@ async def _predict(request: Request, response: Response, model: str, version: st
         raise
     result = await classify_for_http(request, model, number, body.inputs, "v1", body.threshold,
                                      body.min_layers, body.max_layers, body.timeout_ms, body.policy, body.patience,
-                                     body.max_accuracy_drop)
+                                     body.max_accuracy_drop, body.task)
     response.headers.update(timing_headers(result))
     return to_response(result, body.return_probabilities)
 
@@ -131,20 +143,28 @@ async def get_model(model: str, request: Request):
 
 
 @router.get("/models/{model}/calibration", response_model=CalibrationInfo, responses=ERRORS)
-async def get_calibration(model: str, request: Request):
-    """Every exit policy's calibration table and recommended setting (what the playground plots)."""
+async def get_calibration(model: str, request: Request, task: str | None = None):
+    """Every exit policy's calibration table and recommended setting (what the playground plots);
+    of a multi-task model, those of the task `task` (needed when it serves several). A regression
+    task has one table, its one rule's, under `patience` (a threshold and a patience per point)."""
     loaded = request.app.state.registry.get(model)
     if loaded is None:
         raise RequestError(404, "model", f"no model named {model!r}", "not_found")
     m = loaded.manifest
-    tables = {"entropy": PolicyTable(points=[p.model_dump() for p in m.calibration],
-                                     recommended_threshold=m.recommended_threshold)}
-    for name, table in m.policies.items():
-        tables[name] = PolicyTable(points=[p.model_dump() for p in table.points],
-                                   recommended_threshold=table.recommended_threshold,
-                                   recommended_patience=table.recommended_patience)
+    index = resolve_task(loaded, task)
+    source = m if index is None else m.tasks[index]
+    own = "patience" if index is not None and source.kind == "regression" else "entropy"
+    tables = {own: PolicyTable(points=[p.model_dump() for p in source.calibration],
+                               recommended_threshold=source.recommended_threshold,
+                               recommended_patience=getattr(source, "recommended_patience", None))}
+    for name, table in source.policies.items():
+        tables.setdefault(name, PolicyTable(points=[p.model_dump() for p in table.points],
+                                            recommended_threshold=table.recommended_threshold,
+                                            recommended_patience=table.recommended_patience))
     return CalibrationInfo(model=loaded.name, layers=m.num_layers, policies=tables,
-                           calibration_data=m.calibration_data.model_dump() if m.calibration_data else None)
+                           task=None if index is None else source.name,
+                           metric=None if index is None else source.metric,
+                           calibration_data=source.calibration_data.model_dump() if source.calibration_data else None)
 
 
 @router.post("/models/{model}/reload", response_model=ReloadResponse, responses=ERRORS,

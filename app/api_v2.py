@@ -4,8 +4,11 @@ and other KServe clients work unchanged.
 Inputs: `text` (and `text_pair` for pair models), BYTES, shape [N]. Outputs: `label` BYTES [N],
 `label_id` INT64 [N], `probabilities` FP32 [N, classes], `exit_layer` INT32 [N], `uncertainty`
 FP32 [N]. Request parameters: `threshold`, `min_layers`, `max_layers`, `policy`, `patience`,
-`timeout_ms` (as in /v1),
+`timeout_ms`, `task` (as in /v1),
 plus Triton's `binary_data_output`, `timeout` (microseconds) and `priority` (accepted, ignored).
+A multi-task model takes the inputs of the request's `task`, and its outputs add `score` FP32 [N]
+(the label's probability, or a regression task's score: its rows' label is "", label_id -1 and
+probabilities [N, 1] the score); its metadata's `parameters.tasks` lists the tasks.
 
 Triton's binary tensor data extension is supported both ways: with the request header
 `Inference-Header-Content-Length: N` the body is N bytes of JSON followed by the raw tensors of
@@ -41,7 +44,15 @@ from app.api_v2_types import (
     TensorMetadata,
 )
 from app.auth import require_api_key
-from app.api_v2_request import InferRequest, as_v2_error, bad, input_names, parse_json, parse_request, split_body
+from app.api_v2_request import (
+    InferRequest,
+    as_v2_error,
+    bad,
+    input_names,
+    parse_json,
+    parse_request,
+    split_body,
+)
 from app.registry import LoadedModel
 from app.schemas import ErrorResponse
 from app.service import (
@@ -68,7 +79,8 @@ def parse_version(version: str | None) -> int | None:
 
 def model_metadata(request: Request, model: LoadedModel, version: int | None) -> ModelMetadata:
     versions = [version] if version is not None else sorted(request.app.state.registry.versions[model.name])
-    classes = len(model.manifest.labels)
+    classes = len(model.manifest.labels) if not model.is_multitask else -1  # per task
+    extra = [TensorMetadata(name="score", datatype="FP32", shape=[-1])] if model.is_multitask else []
     return ModelMetadata(
         name=model.name, versions=[str(v) for v in versions], platform="offramp",
         inputs=[TensorMetadata(name=n, datatype="BYTES", shape=[-1]) for n in input_names(model)],
@@ -76,23 +88,39 @@ def model_metadata(request: Request, model: LoadedModel, version: int | None) ->
                  TensorMetadata(name="label_id", datatype="INT64", shape=[-1]),
                  TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, classes]),
                  TensorMetadata(name="exit_layer", datatype="INT32", shape=[-1]),
-                 TensorMetadata(name="uncertainty", datatype="FP32", shape=[-1])],
+                 TensorMetadata(name="uncertainty", datatype="FP32", shape=[-1]), *extra],
+        parameters={"tasks": task_list(model)} if model.is_multitask else None,
     )
+
+
+def task_list(model: LoadedModel) -> str:
+    """A multi-task model's tasks, NAME:KIND[:pair], comma-separated (kind: classification or
+    regression; pair: it takes text and text_pair)."""
+    return ",".join(f"{t.name}:{t.kind}{':pair' if t.text_pair else ''}" for t in model.manifest.tasks)
 
 
 # -- response --------------------------------------------------------------------------------
 def output_tensors(result: Classification) -> dict[str, tuple[str, list[int], np.ndarray | list[bytes]]]:
     rows = result.result
-    labels = result.model.manifest.labels
-    probabilities = np.asarray(rows.probabilities, dtype=np.float32)
-    label_id = probabilities.argmax(axis=1).astype(np.int64)
-    n = len(label_id)
+    head = result.task_head
+    labels = head.labels if head is not None else result.model.manifest.labels
+    # A multi-task row's columns are its task's (one, the score, for a regression task).
+    width = head.width if head is not None else len(labels)
+    probabilities = np.ascontiguousarray(rows.probabilities[:, :width], dtype=np.float32)
+    n = len(rows.exit_layer)
+    if head is not None and head.kind == "regression":
+        label_id = np.full(n, -1, dtype=np.int64)
+        names, score = [b""] * n, probabilities[:, 0]
+    else:
+        label_id = probabilities.argmax(axis=1).astype(np.int64)
+        names, score = [labels[i].encode("utf-8") for i in label_id.tolist()], probabilities.max(axis=1)
     return {
-        "label": ("BYTES", [n], [labels[i].encode("utf-8") for i in label_id.tolist()]),
+        "label": ("BYTES", [n], names),
         "label_id": ("INT64", [n], label_id),
         "probabilities": ("FP32", list(probabilities.shape), probabilities),
         "exit_layer": ("INT32", [n], np.asarray(rows.exit_layer, dtype=np.int32)),
         "uncertainty": ("FP32", [n], np.asarray(rows.uncertainty, dtype=np.float32)),
+        "score": ("FP32", [n], np.asarray(score, dtype=np.float32)),
     }
 
 
@@ -122,6 +150,7 @@ def infer_response(result: Classification, request: InferRequest) -> Response:
     if request.id is not None:
         body["id"] = request.id
     body["parameters"] = {"threshold": result.threshold, "policy": result.policy,
+                          **({"task": result.task_head.name} if result.task is not None else {}),
                           **({"patience": result.patience} if result.patience else {}),
                           "layers_executed": rows.layers_executed,
                           "layers_full": len(rows.exit_layer) * result.model.manifest.num_layers,
@@ -157,7 +186,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     try:
         result = await classify_for_http(request, name, number, parsed.texts, "v2", parsed.threshold,
                                          parsed.min_layers, parsed.max_layers, parsed.timeout_ms,
-                                         parsed.policy, parsed.patience, parsed.max_accuracy_drop)
+                                         parsed.policy, parsed.patience, parsed.max_accuracy_drop, parsed.task)
     except RequestError as exc:
         raise as_v2_error(exc, parsed) from exc
     return infer_response(result, parsed)

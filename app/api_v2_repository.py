@@ -8,9 +8,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api_v2 import lookup, parse_version
-from app.api_v2_request import input_names
-from app.api_v2_types import ERRORS, OUTPUT_NAMES, USED_PARAMETERS
+from app.api_v2 import lookup, parse_version, task_list
+from app.api_v2_request import input_names, output_names
+from app.api_v2_types import ERRORS, USED_PARAMETERS
 from app.auth import require_api_key
 from app.metrics import Duration, ModelStats
 from app.registry import LoadedModel
@@ -18,14 +18,14 @@ from app.service import RequestError
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 TRITON_TYPES = {"label": "TYPE_STRING", "label_id": "TYPE_INT64", "probabilities": "TYPE_FP32",
-                "exit_layer": "TYPE_INT32", "uncertainty": "TYPE_FP32"}
+                "exit_layer": "TYPE_INT32", "uncertainty": "TYPE_FP32", "score": "TYPE_FP32"}
 
 
 def model_config(request: Request, model: LoadedModel) -> dict:
     """Triton's model configuration, as far as it describes this server's models."""
     settings = request.app.state.settings
     m = model.manifest
-    classes = len(m.labels)
+    classes = len(m.labels) if m.tasks is None else -1  # a multi-task model's: its task's
     return {
         "name": model.name,
         "platform": "offramp",
@@ -34,7 +34,7 @@ def model_config(request: Request, model: LoadedModel) -> dict:
         "max_batch_size": 0,  # one request's rows are its first dimension; the server batches them
         "input": [{"name": n, "data_type": "TYPE_STRING", "dims": [-1]} for n in input_names(model)],
         "output": [{"name": n, "data_type": TRITON_TYPES[n], "dims": [-1, classes] if n == "probabilities" else [-1],
-                    **({"label_filename": ""} if n == "label" else {})} for n in OUTPUT_NAMES],
+                    **({"label_filename": ""} if n == "label" else {})} for n in output_names(model)],
         "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
                              "preferred_batch_size": [settings.max_batch_rows]} if settings.batching else None,
         "instance_group": [{"count": 1, "kind": "KIND_GPU" if settings.provider == "cuda" else "KIND_CPU"}],
@@ -47,6 +47,8 @@ def model_config(request: Request, model: LoadedModel) -> dict:
             # a cascade's stages, NAME:FIRST_LAYER-LAST_LAYER in the order they run
             **({"stages": {"string_value": ",".join(f"{s.name}:{s.first_layer}-{s.last_layer}" for s in m.stages)}}
                if m.stages else {}),
+            # a multi-task model's tasks, NAME:KIND[:pair] (a request names one: parameter task)
+            **({"tasks": {"string_value": task_list(model)}} if m.tasks else {}),
             "request_parameters": {"string_value": ",".join(USED_PARAMETERS)},
         },
     }

@@ -14,6 +14,7 @@ from app.api_v2_types import (
     HEADER_LENGTH,
     MAX_INTEGER,
     MODEL_PARAMETERS,
+    MULTITASK_OUTPUT_NAMES,
     OUTPUT_NAMES,
     REQUEST_KEYS,
     UNSUPPORTED_TENSOR_PARAMETERS,
@@ -22,15 +23,26 @@ from app.api_v2_types import (
 from app.encoding import TextInput
 from app.policies import POLICIES
 from app.registry import LoadedModel
-from app.service import RequestError, check_inputs, exit_policy
+from app.service import RequestError, check_inputs, exit_policy, resolve_task
 
 
 def bad(field_name: str, message: str, status: int = 400, error_type: str = "validation") -> RequestError:
     return RequestError(status, field_name, message, error_type)
 
 
-def input_names(model: LoadedModel) -> list[str]:
-    return ["text", "text_pair"] if model.manifest.text_pair else ["text"]
+def input_names(model: LoadedModel, task: int | None = None) -> list[str]:
+    """The inputs of the model, or of its task; a multi-task model's, asked with no task: those
+    of any of its tasks."""
+    tasks = model.manifest.tasks
+    if tasks is not None:
+        pair = tasks[task].text_pair if task is not None else any(t.text_pair for t in tasks)
+    else:
+        pair = model.manifest.text_pair
+    return ["text", "text_pair"] if pair else ["text"]
+
+
+def output_names(model: LoadedModel) -> tuple[str, ...]:
+    return MULTITASK_OUTPUT_NAMES if model.is_multitask else OUTPUT_NAMES
 
 
 def is_int(value: Any) -> bool:
@@ -130,9 +142,10 @@ class InferRequest:
     max_layers: int | None = None
     timeout_ms: float | None = None
     outputs: list[RequestedOutput] = field(default_factory=list)
-    policy: str = "entropy"
+    policy: str | None = None  # None: the model's (or its task's) default
     patience: int | None = None
     max_accuracy_drop: float | None = None
+    task: str | None = None
     ignored_parameters: list[str] = field(default_factory=list)  # echoed, so a typo is visible
 
 
@@ -198,9 +211,9 @@ def parse_input(item: Any, index: int, binary: bytes, offset: int, names: list[s
     return Tensor(name, where, shape, texts), offset
 
 
-def parse_outputs(value: Any, default_binary: bool) -> list[RequestedOutput]:
+def parse_outputs(value: Any, default_binary: bool, names: tuple[str, ...] = OUTPUT_NAMES) -> list[RequestedOutput]:
     if value is None or value == []:
-        return [RequestedOutput(name, default_binary) for name in OUTPUT_NAMES]
+        return [RequestedOutput(name, default_binary) for name in names]
     if not isinstance(value, list):
         raise bad("outputs", "a list of {name, parameters} objects is required")
     outputs, seen = [], set()
@@ -209,7 +222,9 @@ def parse_outputs(value: Any, default_binary: bool) -> list[RequestedOutput]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise bad(f"{where}.name", "an object with a string name is required")
         name = item["name"]
-        if name not in OUTPUT_NAMES:
+        if name in MULTITASK_OUTPUT_NAMES and name not in names:
+            raise bad(f"{where}.name", f"output {name!r} is a multi-task model's; the outputs are {list(names)}")
+        if name not in names:
             raise bad(f"{where}.name", f"unexpected inference output {name!r}; the outputs are {list(OUTPUT_NAMES)}")
         if name in seen:
             raise bad(f"{where}.name", f"output {name!r} is requested twice")
@@ -247,8 +262,8 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
                               for k in ("min_layers", "max_layers"))
     if min_layers is not None and max_layers is not None and min_layers > max_layers:
         raise bad("parameters.min_layers", f"{min_layers} exceeds max_layers {max_layers}")
-    policy = "entropy" if parameters.get("policy") is None else parameters["policy"]
-    if policy not in POLICIES:
+    policy = parameters.get("policy")
+    if policy is not None and policy not in POLICIES:
         raise bad("parameters.policy", f"one of {list(POLICIES)} is required, not {policy!r}")
     patience = parameters.get("patience")
     if patience is not None and not (is_int(patience) and patience >= 1):
@@ -270,8 +285,15 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
     default_binary = False if parameters.get("binary_data_output") is None else parameters["binary_data_output"]
     if not isinstance(default_binary, bool):
         raise bad("parameters.binary_data_output", f"true or false, not {default_binary!r}")
+    task = parameters.get("task")
+    if task is not None and not (isinstance(task, str) and task):
+        raise bad("parameters.task", f"a task name (a string) is required, not {task!r}")
+    try:
+        task_id = resolve_task(model, task)  # before the inputs: a task says which it takes
+    except RequestError as exc:
+        raise as_v2_error(exc) from exc
 
-    names = input_names(model)
+    names = input_names(model, task_id)
     inputs = payload.get("inputs")
     if not isinstance(inputs, list):
         raise bad("inputs", f"a list of input tensors is required; model {model.name!r} takes {names}")
@@ -290,21 +312,21 @@ def parse_request(payload: dict, binary: bytes, model: LoadedModel, settings) ->
         raise bad("inputs", f"model {model.name!r} needs the input{'s' if len(missing) > 1 else ''} "
                   f"{missing} (BYTES, shape [-1])")
     text = tensors["text"]
-    if model.manifest.text_pair:
+    if "text_pair" in names:
         pair = tensors["text_pair"]
         if pair.shape != text.shape:
             raise bad(f"{pair.field}.shape", f"{pair.shape} differs from the shape of 'text' {text.shape}")
         texts: list[TextInput] = [list(p) for p in zip(text.texts, pair.texts)]
     else:
         texts = list(text.texts)
-    outputs = parse_outputs(payload.get("outputs"), default_binary)
+    outputs = parse_outputs(payload.get("outputs"), default_binary, output_names(model))
     ignored = sorted(str(key) for key in parameters if key not in USED_PARAMETERS)
     request = InferRequest(request_id, texts, text.field, threshold, min_layers, max_layers, timeout_ms, outputs,
                            policy, None if patience is None else int(patience),
-                           None if budget is None else float(budget), ignored)
+                           None if budget is None else float(budget), task, ignored)
     try:
-        check_inputs(model, texts, settings, min_layers, max_layers)
-        exit_policy(model, policy, threshold, request.patience, request.max_accuracy_drop)
+        check_inputs(model, texts, settings, min_layers, max_layers, task_id)
+        exit_policy(model, policy, threshold, request.patience, request.max_accuracy_drop, task_id)
     except RequestError as exc:
         raise as_v2_error(exc, request) from exc
     return request

@@ -13,10 +13,13 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 41
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT_NAMES = ("label", "label_id", "probabilities", "exit_layer", "uncertainty")
+# A multi-task model's outputs add `score` (FP32 [N]): the predicted label's probability, or a
+# regression task's score (whose rows have label "" and label_id -1).
+MULTITASK_OUTPUT_NAMES = OUTPUT_NAMES + ("score",)
 # Request parameters read: ours, then Triton's own (tritonclient sends binary_data_output, timeout,
 # priority). Any other (sequence_id, headers, a client's own) is accepted and ignored, as Triton does.
 MODEL_PARAMETERS = ("threshold", "min_layers", "max_layers", "timeout_ms", "policy", "patience",
-                    "max_accuracy_drop")
+                    "max_accuracy_drop", "task")
 USED_PARAMETERS = MODEL_PARAMETERS + ("binary_data_output", "timeout", "priority")
 # Tensor parameters this server cannot honour: refused, since ignoring them would answer wrongly.
 UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
@@ -43,6 +46,8 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    # A multi-task model's `tasks`: NAME:KIND[:pair], comma-separated (app/api_v2_repository.py)
+    parameters: dict[str, str] | None = None
 
 
 # Integers past this are no count, size or time this server could mean (and past 2**1023 no
@@ -63,7 +68,7 @@ INFER_REQUEST_SCHEMA = {
         "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
             "type": "object", "required": ["name", "shape", "datatype", "data"], "additionalProperties": False,
             "properties": {"name": {"type": "string", "enum": ["text", "text_pair"],
-                                    "description": "text_pair only for pair models"},
+                                    "description": "text_pair only for pair models (or pair tasks)"},
                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER},
                                      "minItems": 1, "maxItems": 1, "description": "[number of texts]"},
                            "datatype": {"type": "string", "enum": ["BYTES"]},
@@ -71,7 +76,8 @@ INFER_REQUEST_SCHEMA = {
                            "parameters": _optional({"type": "object"})}}},
         "outputs": _optional({"type": "array", "items": {
             "type": "object", "required": ["name"],
-            "properties": {"name": {"type": "string", "enum": list(OUTPUT_NAMES)},
+            "properties": {"name": {"type": "string", "enum": list(MULTITASK_OUTPUT_NAMES),
+                                    "description": "score: multi-task models only"},
                            "parameters": _optional({"type": "object",
                                                     "properties": {"binary_data": _optional({"type": "boolean"})}})}}}),
         "parameters": _optional({
@@ -83,6 +89,8 @@ INFER_REQUEST_SCHEMA = {
                 "policy": _optional({"type": "string", "enum": ["entropy", "max_prob", "patience"]}),
                 "patience": _optional({"type": "integer", "minimum": 1}),
                 "max_accuracy_drop": _optional({"type": "number", "minimum": 0, "maximum": 100}),
+                "task": _optional({"type": "string", "minLength": 1,
+                                   "description": "multi-task models: the task (required when several)"}),
                 "timeout_ms": _optional({"type": "number", "exclusiveMinimum": 0}),
                 "timeout": _optional({"type": "integer", "minimum": 0, "description": "microseconds (Triton's)"}),
                 "priority": _optional({"type": "integer", "minimum": 0}),

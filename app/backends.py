@@ -66,18 +66,24 @@ class OrtBackend:
         wide = options(threads)
         self.embeddings = session(manifest.graphs.embeddings, wide)
         self.layers = [session(name, wide) for name in manifest.graphs.layers]
+        # A multi-task bundle's layers are its shared trunk (hidden_out alone); every task has
+        # its own exit head per layer (app/multitask.py).
+        head_files = [task.exits for task in manifest.tasks or []]
+        self.heads = [[session(name, wide) for name in files] for files in head_files]
         self.active_provider = self.embeddings.get_providers()[0]
         self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
+        self._layer_outputs = [[o.name for o in s.get_outputs()] for s in self.layers]
         # With I/O binding the hidden states stay on the provider's device from layer to
         # layer; only the small logits come back. Default: on wherever the device is not the CPU.
         self.device = "cuda" if self.active_provider == ORT_PROVIDERS["cuda"] else "cpu"
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
         # Small calls on the CPU go to one-thread twins of the layer sessions (same graphs, same
         # kernels: the answer does not change, only who computes it).
-        self.narrow_layers = None
+        self.narrow_layers = self.narrow_heads = None
         if self.device == "cpu" and threads > 1:
             narrow = options(1)
             self.narrow_layers = [session(name, narrow) for name in manifest.graphs.layers]
+            self.narrow_heads = [[session(name, narrow) for name in files] for files in head_files]
 
     def choose_providers(self, provider: str) -> list[str]:
         """The providers to ask ONNX Runtime for; CUDA falls back to CPU with a warning."""
@@ -107,16 +113,34 @@ class OrtBackend:
         return hidden
 
     def layer(self, index: int, hidden, attention_mask: np.ndarray):
-        """Layer `index` (0-based) -> (hidden states, exit logits as numpy)."""
+        """Layer `index` (0-based) -> (hidden states, exit logits as numpy); the logits are None
+        for a multi-task bundle's shared layer, which has no exit of its own."""
         feeds = {"hidden": hidden, "attention_mask": attention_mask}
+        names = self._layer_outputs[index]
         if not self.io_binding:
             sessions = self.layers
             if self.narrow_layers is not None and attention_mask.size <= SINGLE_THREAD_TOKENS:
                 sessions = self.narrow_layers
-            return tuple(sessions[index].run(None, feeds))
-        hidden, logits = self._bound_run(self.layers[index], feeds,
-                                         {"hidden_out": self.device, "logits": "cpu"})
-        return hidden, logits.numpy()
+            outputs = dict(zip(names, sessions[index].run(None, feeds)))
+            return outputs["hidden_out"], outputs.get("logits")
+        # Only the outputs the graph has can be bound.
+        devices = {"hidden_out": self.device, "logits": "cpu"}
+        bound = {n: devices[n] for n in names if n in devices}
+        outputs = dict(zip(bound, self._bound_run(self.layers[index], feeds, bound)))
+        logits = outputs.get("logits")
+        return outputs["hidden_out"], None if logits is None else logits.numpy()
+
+    def head(self, task: int, index: int, hidden, attention_mask: np.ndarray) -> np.ndarray:
+        """A multi-task bundle's exit of task `task` (position in manifest.tasks) after layer
+        `index` (0-based) -> logits as numpy, [rows, classes] (a regression task: [rows, 1])."""
+        feeds = {"hidden": hidden, "attention_mask": attention_mask}
+        if not self.io_binding:
+            sessions = self.heads
+            if self.narrow_heads is not None and attention_mask.size <= SINGLE_THREAD_TOKENS:
+                sessions = self.narrow_heads
+            return sessions[task][index].run(["logits"], feeds)[0]
+        (logits,) = self._bound_run(self.heads[task][index], feeds, {"logits": "cpu"})
+        return logits.numpy()
 
     def select(self, hidden, rows: np.ndarray, longest: int):
         """The staying rows, trimmed to their longest; on the device this is one round trip,
@@ -184,6 +208,9 @@ def make_backend(bundle_dir: Path, manifest: Manifest, provider: str, threads: i
     if provider not in PROVIDER_NAMES:
         raise ValueError(f"provider must be one of {list(PROVIDER_NAMES)}, not {provider!r}")
     if provider == "openvino":
+        if manifest.tasks:
+            raise ValueError("provider openvino does not serve multi-task bundles: their shared layers and "
+                             "per-task exit heads run on ONNX Runtime (provider cpu or cuda)")
         if io_binding:
             raise ValueError("I/O binding is an ONNX Runtime feature; provider openvino has none")
         return OpenVinoBackend(bundle_dir, manifest, threads)

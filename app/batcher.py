@@ -150,7 +150,7 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down")
         job.future = asyncio.get_running_loop().create_future()
         rows = job.rows
-        job.probabilities = np.zeros((rows, len(self.engine.manifest.labels)), dtype=np.float32)
+        job.probabilities = np.zeros((rows, self.engine.output_width), dtype=np.float32)
         job.exit_layer = np.zeros(rows, dtype=np.int64)
         job.uncertainty = np.zeros(rows, dtype=np.float32)
         job.remaining = rows
@@ -276,5 +276,6 @@ def _unique(jobs) -> list[Job]:
 
 def _merge(chosen: list[tuple[Job, int]]) -> EncodedBatch:
     """One right-padded batch of the chosen rows of several requests (of one model, so all of
-    one kind of batch: a cascade's carries every stage's tokens)."""
+    one kind of batch: a cascade's carries every stage's tokens, a multi-task bundle's each row's
+    task, so rows of different tasks share the batch)."""
     return type(chosen[0][0].batch).gather([(job.batch, row) for job, row in chosen])

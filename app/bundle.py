@@ -1,4 +1,5 @@
-"""Open a bundle folder for running: its encoder and its engine, a single bundle or a cascade."""
+"""Open a bundle folder for running: its encoder and its engine, a single bundle, a cascade or a
+multi-task bundle."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from app.cascade import CascadeEncoder, CascadeEngine
 from app.encoding import TextEncoder
 from app.engine import GROUP_CALL_COST_TOKENS, Engine
 from app.manifest import Manifest, read_manifest
+from app.multitask import MultiTaskEngine
 
 
 def open_encoder(bundle_dir: Path, manifest: Manifest) -> TextEncoder | CascadeEncoder:
+    """A multi-task bundle's is the plain TextEncoder: its rows get their task afterwards
+    (app/multitask.py TaskBatch, done by the service)."""
     bundle_dir = Path(bundle_dir)
     if manifest.stages:
         return CascadeEncoder([open_encoder(bundle_dir / s.path, read_manifest(bundle_dir / s.path, verify_files=False))
@@ -20,7 +24,8 @@ def open_encoder(bundle_dir: Path, manifest: Manifest) -> TextEncoder | CascadeE
 
 def open_engine(bundle_dir: Path, manifest: Manifest | None = None, provider: str = "cpu",
                 intra_op_threads: int | None = None, io_binding: bool | None = None,
-                group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS) -> Engine | CascadeEngine:
+                group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS
+                ) -> Engine | CascadeEngine | MultiTaskEngine:
     manifest = manifest or read_manifest(Path(bundle_dir))
-    kind = CascadeEngine if manifest.stages else Engine
+    kind = CascadeEngine if manifest.stages else MultiTaskEngine if manifest.tasks else Engine
     return kind(bundle_dir, manifest, provider, intra_op_threads, io_binding, group_call_cost_tokens)

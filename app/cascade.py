@@ -77,6 +77,7 @@ class CascadeEngine:
         if not self.manifest.stages:
             raise ValueError(f"{self.bundle_dir} is not a cascade bundle")
         self.num_layers = self.manifest.num_layers
+        self.output_width = len(self.manifest.labels)
         self.intra_op_threads = intra_op_threads or cpu_quota()
         self.provider = provider
         self.stages = self.manifest.stages

@@ -67,15 +67,39 @@ def predict(args: argparse.Namespace) -> None:
         sys.exit(f"no model bundle {args.model or ''} in {settings.model_dir}")
     model = load_model(bundles[0], settings.provider, settings.intra_op_threads)
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if model.manifest.text_pair:
+    # A multi-task bundle's task: its input kind, labels and defaults (its rule, for regression).
+    head, code, patience = None, 0, 0
+    if model.manifest.tasks:
+        from app.multitask import TaskBatch
+        from app.policies import REGRESSION
+
+        names = [t.name for t in model.manifest.tasks]
+        if args.task not in names and not (args.task is None and len(names) == 1):
+            sys.exit(f"--task: one of {names} is needed")
+        index = names.index(args.task) if args.task else 0
+        head = model.manifest.tasks[index]
+        if head.kind == "regression":
+            code, patience = REGRESSION, head.recommended_patience or 1
+    elif args.task:
+        sys.exit(f"--task: {model.name} is not a multi-task bundle")
+    if (head.text_pair if head else model.manifest.text_pair):
         texts = [t.split("\t", 1) for t in texts]
-    threshold = model.manifest.recommended_threshold if args.threshold is None else args.threshold
+    source = head or model.manifest
+    threshold = source.recommended_threshold if args.threshold is None else args.threshold
     batch = model.encoder.encode(texts)
+    if head:
+        batch = TaskBatch.of(batch, index)
     result = model.engine.run(batch, np.float32(threshold), args.min_layers,
-                              args.max_layers or model.manifest.num_layers)
+                              args.max_layers or model.manifest.num_layers, code, patience)
+    labels = head.labels if head else model.labels
     for text, probs, layer, u in zip(texts, result.probabilities, result.exit_layer, result.uncertainty):
+        if head and head.kind == "regression":
+            print(json.dumps({"text": text, "score": round(float(probs[0]), 4), "exit_layer": int(layer),
+                              "uncertainty": round(float(u), 4)}))
+            continue
+        probs = probs[:len(labels)]
         best = int(probs.argmax())
-        row = {"text": text, "label": model.labels[best], "score": round(float(probs[best]), 4),
+        row = {"text": text, "label": labels[best], "score": round(float(probs[best]), 4),
                "exit_layer": int(layer), "uncertainty": round(float(u), 4)}
         stage = model.manifest.stage_of(int(layer))
         if stage:
@@ -110,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     _server_flags(p)
     p.add_argument("--model", help="bundle name inside --model-dir")
     p.add_argument("--threshold", type=float, help="default: the bundle's recommended threshold")
+    p.add_argument("--task", help="multi-task bundles: the task the texts are for")
     p.add_argument("--min-layers", type=int, default=1)
     p.add_argument("--max-layers", type=int)
     p.add_argument("texts", nargs="*", help="texts (tab-separated pairs for pair models)")

@@ -79,7 +79,10 @@ class Engine:
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or read_manifest(self.bundle_dir)
+        if self.manifest.tasks:
+            raise ValueError(f"{self.bundle_dir} is a multi-task bundle: app/multitask.py MultiTaskEngine runs it")
         self.num_layers = self.manifest.num_layers
+        self.output_width = len(self.manifest.labels)  # columns of ExitResult.probabilities
         self.intra_op_threads = intra_op_threads or cpu_quota()
         self.provider = provider
         self.backend = make_backend(self.bundle_dir, self.manifest, provider,

@@ -24,6 +24,7 @@ from app.cascade import CascadeEncoder, CascadeEngine
 from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
+from app.multitask import MultiTaskEngine, warm_up_batch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class LoadedModel:
     path: Path
     manifest: Manifest
     encoder: TextEncoder | CascadeEncoder
-    engine: Engine | CascadeEngine
+    engine: Engine | CascadeEngine | MultiTaskEngine
     batcher: Batcher | None = None
     controller: ThresholdController | None = None  # with OFFRAMP_TARGET_P99_MS
     fingerprint: str = ""  # the manifest's file digests: a changed bundle is reloaded
@@ -43,6 +44,10 @@ class LoadedModel:
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
+
+    @property
+    def is_multitask(self) -> bool:
+        return self.manifest.tasks is not None
 
 
 def _fingerprint(manifest: Manifest) -> str:
@@ -57,7 +62,10 @@ def load_model(path: Path, provider: str = "cpu", intra_op_threads: int | None =
     manifest = read_manifest(path, verify_files=True)
     encoder = open_encoder(path, manifest)
     engine = open_engine(path, manifest, provider=provider, intra_op_threads=intra_op_threads)
-    warm = encoder.encode([("warm up", "warm up")] if manifest.text_pair else ["warm up"] * 2)
+    if manifest.tasks:
+        warm = warm_up_batch(manifest, encoder)
+    else:
+        warm = encoder.encode([("warm up", "warm up")] if manifest.text_pair else ["warm up"] * 2)
     engine.run(warm, threshold=np.float32(0.0))
     # Served under its folder name, so models/NAME is /v1/models/NAME whatever it was trained as.
     return LoadedModel(name or path.name, version, path, manifest, encoder, engine,
@@ -140,8 +148,10 @@ class Registry:
     # -- loading ---------------------------------------------------------------------------
     def _load(self, name: str, version: int, path: Path) -> LoadedModel:
         model = load_model(path, self.provider, self.intra_op_threads, name, version)
-        log.info("loaded %s version %d from %s (%d layers, labels %s, provider %s, %d threads)",
-                 name, version, path, model.manifest.num_layers, model.labels,
+        m = model.manifest
+        log.info("loaded %s version %d from %s (%d layers, %s, provider %s, %d threads)",
+                 name, version, path, m.num_layers,
+                 f"tasks {[t.name for t in m.tasks]}" if m.tasks else f"labels {m.labels}",
                  model.engine.active_provider, model.engine.intra_op_threads)
         return model
 

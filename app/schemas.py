@@ -34,9 +34,13 @@ class PredictRequest(BaseModel):
                     "default: the model's recommended threshold")
     min_layers: LayerCount | None = Field(default=None, description="no exit before this layer")
     max_layers: LayerCount | None = Field(default=None, description="always exit at this layer")
-    policy: Literal["entropy", "max_prob", "patience"] = Field(
-        default="entropy", description="exit rule (docs/serving.md): entropy (FastBERT), max_prob (calibrated "
-                                       "top probability), patience (PABEE; with a threshold, PCEE-BERT)")
+    task: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        default=None, description="multi-task models: the task the inputs are for (required when the model "
+                                  "serves several; GET /v1/models lists them)")
+    policy: Literal["entropy", "max_prob", "patience"] | None = Field(
+        default=None, description="exit rule (docs/serving.md): entropy (FastBERT), max_prob (calibrated "
+                                  "top probability), patience (PABEE; with a threshold, PCEE-BERT); default: "
+                                  "entropy (a regression task's one rule: patience, PABEE's for regression)")
     patience: LayerCount | None = Field(
         default=None, description="policy patience: consecutive exits that must agree (or, with a threshold, "
                                   "be confident) before a row leaves")
@@ -49,15 +53,16 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str
-    label_id: int
-    score: float = Field(description="probability of the predicted label")
+    label: str | None = Field(default=None, description="the predicted label; none for a regression task")
+    label_id: int | None = None
+    score: float = Field(description="probability of the predicted label; a regression task's predicted score")
     probabilities: dict[str, float] | None = None
     exit_layer: int = Field(description="1-based layer whose exit answered (a cascade numbers its layers "
                                         "on through its stages)")
     stage: str | None = Field(default=None, description="cascades: the stage that answered")
     stage_layer: int | None = Field(default=None, description="cascades: the exit_layer counted inside its stage")
-    uncertainty: float = Field(description="normalised entropy at the exit layer")
+    uncertainty: float = Field(description="normalised entropy at the exit layer; a regression task: how far "
+                                           "the score moved at that exit, as a fraction of its score range")
     truncated: bool = Field(default=False, description="the input was cut to max_seq_length tokens")
 
 
@@ -70,6 +75,7 @@ class Timing(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    task: str | None = Field(default=None, description="multi-task models: the task that answered")
     threshold: float | None = Field(default=None, description="the threshold used; none for patience alone")
     policy: str = "entropy"
     patience: int | None = None
@@ -88,6 +94,18 @@ class StageInfo(BaseModel):
     max_seq_length: int
 
 
+class TaskInfo(BaseModel):
+    name: str
+    kind: Literal["classification", "regression"]
+    labels: list[str] = Field(description="none for a regression task")
+    text_pair: bool
+    metric: str = Field(description="what its calibration table counts (and budgets read): accuracy, matthews, "
+                                    "f1 or pearson")
+    score_range: list[float] | None = Field(default=None, description="regression: [low, high] of its scores")
+    recommended_threshold: float
+    recommended_patience: int | None = None
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int = Field(description="the version served by default (the latest)")
@@ -100,6 +118,8 @@ class ModelInfo(BaseModel):
     exit_head: str
     default: bool
     stages: list[StageInfo] | None = Field(default=None, description="cascades: the bundles run in order")
+    tasks: list[TaskInfo] | None = Field(default=None, description="multi-task models: one encoder, these "
+                                                                   "tasks (a request names its task)")
 
 
 class PolicyTable(BaseModel):
@@ -111,6 +131,9 @@ class PolicyTable(BaseModel):
 
 class CalibrationInfo(BaseModel):
     model: str
+    task: str | None = Field(default=None, description="multi-task models: the task the tables are of")
+    metric: str | None = Field(default=None, description="multi-task models: the task's metric (the points' "
+                                                         "`metric`; `accuracy` too where they have it)")
     layers: int
     calibration_data: dict | None = Field(default=None, description="the rows the tables were fitted on")
     policies: dict[str, PolicyTable] = Field(description="entropy (the default), max_prob, patience")

@@ -124,13 +124,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def on_batch(stats):
             metrics.observe_batch(model.name, model.version, model.manifest.num_layers, stats)
 
-        if settings.target_p99_ms:
+        # Neither the latency controller nor the agreement monitor is attached to a multi-task
+        # bundle: each reads one calibration table (and the monitor one label space), and a
+        # multi-task bundle has one per task (docs/serving.md).
+        single = not model.is_multitask
+        if settings.target_p99_ms and single:
             from app.controller import ThresholdController, threshold_steps
 
             model.controller = ThresholdController(threshold_steps(model.manifest, settings.max_accuracy_drop),
                                                    settings.target_p99_ms)
         auditor = None
-        if settings.audit_fraction > 0:
+        if settings.audit_fraction > 0 and single:
             from app.audit import Auditor
 
             auditor = Auditor(settings.audit_fraction, model.manifest,

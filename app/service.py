@@ -18,19 +18,13 @@ import numpy as np
 from app.batcher import Job
 from app.encoding import EncodedBatch, TextInput
 from app.engine import ExitResult
-from app.policies import policy_code
+from app.multitask import TaskBatch
 from app.registry import LoadedModel
+from app.request_policy import RequestError, exit_policy, resolve_task, takes_pairs, within_budget
 from app.settings import Settings
 
 request_log = logging.getLogger("offramp.requests")
-
-
-class RequestError(Exception):
-    """A request the server will not run: the HTTP layers map it to a 4xx naming the field."""
-
-    def __init__(self, status: int, field: str, message: str, error_type: str = "validation"):
-        super().__init__(f"{field}: {message}")
-        self.status, self.field, self.error_type = status, field, error_type
+__all__ = ["RequestError", "exit_policy", "resolve_task", "within_budget", "classify", "classify_for_http"]
 
 
 @dataclass
@@ -45,6 +39,11 @@ class Classification:
     total_s: float
     policy: str = "entropy"
     patience: int | None = None
+    task: int | None = None  # a multi-task bundle's: position in manifest.tasks
+
+    @property
+    def task_head(self):
+        return None if self.task is None else self.model.manifest.tasks[self.task]
 
     @property
     def mean_exit_layer(self) -> float:
@@ -64,21 +63,23 @@ RETRIES_ON_RETIRED_VERSION = 3
 
 
 def check_inputs(model: LoadedModel, inputs: Sequence[TextInput], settings: Settings,
-                 min_layers: int | None, max_layers: int | None) -> int:
-    """The cheap checks, before anything is queued or tokenised: counts, types, sizes, bounds.
-    Returns the request's characters."""
+                 min_layers: int | None, max_layers: int | None, task: int | None = None) -> int:
+    """The cheap checks, before anything is queued or tokenised: counts, types, sizes, bounds
+    (the input kind: the model's, or its task's). Returns the request's characters."""
     if not inputs:
         raise RequestError(422, "inputs", "at least one input is needed")
     if len(inputs) > settings.max_inputs:
         raise RequestError(413, "inputs", f"{len(inputs)} texts, at most {settings.max_inputs} per request",
                            "too_large")
-    pair_model = model.manifest.text_pair
+    pair_model = takes_pairs(model, task)
+    owner = f"model {model.name!r}" if task is None else \
+        f"task {model.manifest.tasks[task].name!r} of model {model.name!r}"
     characters = 0
     for i, item in enumerate(inputs):
         is_pair = not isinstance(item, str)
         if is_pair != pair_model:
             want = "[text, text_pair] pairs" if pair_model else "single texts"
-            raise RequestError(422, f"inputs[{i}]", f"model {model.name!r} takes {want}")
+            raise RequestError(422, f"inputs[{i}]", f"{owner} takes {want}")
         for text in (item if is_pair else [item]):
             if len(text) > settings.max_text_chars:
                 raise RequestError(413, f"inputs[{i}]", f"{len(text)} characters, at most "
@@ -115,59 +116,6 @@ async def tokenize(model: LoadedModel, inputs: Sequence[TextInput], characters: 
     return batch
 
 
-def within_budget(model: LoadedModel, policy: str, max_accuracy_drop: float) -> tuple[float | None, int | None]:
-    """The fastest setting of the policy whose calibrated accuracy is at most `max_accuracy_drop`
-    points below full depth: the largest threshold (the smallest patience)."""
-    manifest = model.manifest
-    points = manifest.calibration if policy == "entropy" else \
-        (manifest.policies[policy].points if policy in manifest.policies else [])
-    full = next((p.accuracy for p in manifest.calibration if p.threshold == 0.0), None)
-    if not points or full is None:
-        raise RequestError(422, "max_accuracy_drop", f"model {model.name!r} has no calibration table for "
-                           f"policy {policy}")
-    fitting = [p for p in points if (full - p.accuracy) * 100 <= max_accuracy_drop + 1e-9]
-    if policy == "patience":
-        if not fitting:
-            raise RequestError(422, "max_accuracy_drop", f"no patience of model {model.name!r} is within "
-                               f"{max_accuracy_drop:g} points of full depth")
-        return None, min(p.patience for p in fitting)
-    return max(p.threshold for p in fitting), None  # threshold 0 (full depth) always fits
-
-
-def exit_policy(model: LoadedModel, policy: str, threshold: float | None, patience: int | None,
-                max_accuracy_drop: float | None = None) -> tuple[int, float | None, int]:
-    """(policy code, threshold, patience) of a request, its defaults filled in from the model."""
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise RequestError(422, "threshold", f"{threshold} is outside [0, 1]")
-    if max_accuracy_drop is not None:
-        if threshold is not None or patience is not None:
-            raise RequestError(422, "max_accuracy_drop", "give a budget or a threshold / patience, not both")
-        if policy in model.engine.policies:
-            threshold, patience = within_budget(model, policy, max_accuracy_drop)
-    if policy not in model.engine.policies:
-        raise RequestError(422, "policy", f"{policy!r} is not one of model {model.name!r}'s policies "
-                           f"{list(model.engine.policies)}")
-    calibrated = model.manifest.policies.get(policy)
-    if policy == "patience":
-        if patience is None and threshold is None and calibrated is not None:
-            patience = calibrated.recommended_patience
-        if patience is None:
-            raise RequestError(422, "patience", "policy patience needs a patience (consecutive exits, >= 1): "
-                               f"model {model.name!r} has no calibrated one")
-        if patience > model.manifest.num_layers:
-            raise RequestError(422, "patience", f"{patience} is more than the model's {model.manifest.num_layers} exits")
-    elif patience is not None:
-        raise RequestError(422, "patience", "only with policy patience")
-    if threshold is None and policy == "entropy":
-        # The recommended threshold, or the one the latency controller has raised it to.
-        threshold = model.controller.threshold if model.controller else model.manifest.recommended_threshold
-    if threshold is None and policy == "max_prob" and calibrated is not None:
-        threshold = calibrated.recommended_threshold
-    if threshold is None and policy == "max_prob":
-        raise RequestError(422, "threshold", f"model {model.name!r} has no calibrated max_prob threshold: give one")
-    return policy_code(policy, threshold), threshold, patience or 0
-
-
 async def classify(
     model: LoadedModel,
     inputs: Sequence[TextInput],
@@ -177,19 +125,25 @@ async def classify(
     max_layers: int | None = None,
     timeout_ms: float | None = None,
     is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-    policy: str = "entropy",
+    policy: str | None = None,
     patience: int | None = None,
     max_accuracy_drop: float | None = None,
+    task: str | None = None,
 ) -> Classification:
     """Admission first (cheap counts, then room in the queue, held while tokenising), so a
-    request that will be refused costs next to nothing."""
+    request that will be refused costs next to nothing. `policy` None: the model's default."""
     start = time.monotonic()
-    characters = check_inputs(model, inputs, settings, min_layers, max_layers)
-    code, threshold, patience_count = exit_policy(model, policy, threshold, patience, max_accuracy_drop)
+    task_id = resolve_task(model, task)
+    characters = check_inputs(model, inputs, settings, min_layers, max_layers, task_id)
+    code, threshold, patience_count, policy = exit_policy(model, policy, threshold, patience, max_accuracy_drop,
+                                                          task_id)
     manifest = model.manifest
     reservation = model.batcher.reserve(len(inputs))
     try:
         batch = await tokenize(model, inputs, characters)
+        if task_id is not None:
+            # Rows carry their task into the batcher, which merges them with other tasks' rows.
+            batch = TaskBatch.of(batch, task_id)
         tokenized = time.monotonic()
         timeout_ms = timeout_ms or settings.default_timeout_ms
         job = Job(batch, 0.0 if threshold is None else threshold, min_layers or 1,
@@ -200,7 +154,8 @@ async def classify(
         reservation.release()
     done = time.monotonic()
     return Classification(model, threshold, batch, result, tokenized - start, job.queue_s,
-                          job.inference_s, done - start, policy, patience_count if policy == "patience" else None)
+                          job.inference_s, done - start, policy, patience_count if policy == "patience" else None,
+                          task_id)
 
 
 def find_model(registry, name: str, version: int | None) -> LoadedModel:
@@ -261,8 +216,8 @@ def admit(request, model_name: str, version: int | None, protocol: str) -> None:
 async def classify_for_http(request, model_name: str, version: int | None, inputs: Sequence[TextInput],
                             protocol: str, threshold: float | None = None, min_layers: int | None = None,
                             max_layers: int | None = None, timeout_ms: float | None = None,
-                            policy: str = "entropy", patience: int | None = None,
-                            max_accuracy_drop: float | None = None) -> Classification:
+                            policy: str | None = None, patience: int | None = None,
+                            max_accuracy_drop: float | None = None, task: str | None = None) -> Classification:
     """classify() for an HTTP request: model lookup, queue and deadline errors as RequestError,
     metrics and one structured log line per request. A request that picked a version while
     it was being replaced goes to its successor rather than being refused."""
@@ -278,7 +233,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
         for attempt in range(RETRIES_ON_RETIRED_VERSION + 1):
             try:
                 work = classify(model, inputs, settings, threshold, min_layers, max_layers, timeout_ms,
-                                request.is_disconnected, policy, patience, max_accuracy_drop)
+                                request.is_disconnected, policy, patience, max_accuracy_drop, task)
                 result = await (asyncio.wait_for(work, timeout_ms / 1000) if timeout_ms else work)
                 break
             except QueueFull as exc:
@@ -305,6 +260,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
         model.controller.observe(result.total_s)
     entry = {"event": "predict", "protocol": protocol, "model": model.name, "version": model.version,
              "rows": len(inputs), "threshold": result.threshold, "policy": result.policy,
+             **({"task": result.task_head.name} if result.task is not None else {}),
              "exit_layers": result.result.exit_layer.tolist(), "tokenize_ms": round(result.tokenize_s * 1e3, 3),
              "queue_ms": round(result.queue_s * 1e3, 3), "inference_ms": round(result.inference_s * 1e3, 3),
              "total_ms": round(result.total_s * 1e3, 3)}

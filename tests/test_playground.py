@@ -108,3 +108,42 @@ def test_it_fits_a_phone_sized_screen(server, browser):
         _screenshot(browser, "playground-phone.png")
     finally:
         browser.set_window_size(1200, 900)
+
+
+@pytest.fixture(scope="module")
+def multitask_server(tiny_multitask_bundle):
+    proc, url = start_server(tiny_multitask_bundle.parent)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_a_multitask_model_gets_a_task_picker_and_regression_rows_show_their_score(multitask_server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(multitask_server + "/playground")
+    WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#task option"))
+    assert browser.find_element(By.ID, "task-box").is_displayed()
+    assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "task")).options] == \
+        ["sent", "pair", "sim"]
+    Select(browser.find_element(By.ID, "task")).select_by_value("sim")
+    assert browser.find_element(By.ID, "policy").get_attribute("disabled")  # its one rule
+    # (a typed tab would move the focus: the pairs are set as the page's value)
+    browser.execute_script("const t = document.getElementById('texts'); t.value = arguments[0];"
+                           "t.dispatchEvent(new Event('input'));",
+                           "a man plays a guitar\ta man plays music\na dog runs\ttwo cats sleep")
+    _slide(browser, 0.0)
+    _exit_layers(browser, {"3"})
+    scores = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#results b")]
+    assert len(scores) == 2 and all(float(s) == float(s) for s in scores)  # numbers, not labels
+    assert "task sim" in browser.find_element(By.ID, "summary").text
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "current-point"))
+    Select(browser.find_element(By.ID, "task")).select_by_value("sent")
+    policy = browser.find_element(By.ID, "policy")
+    assert not policy.get_attribute("disabled") and policy.get_attribute("value") == "entropy"  # given back
+    browser.find_element(By.ID, "texts").clear()
+    browser.find_element(By.ID, "texts").send_keys("a fine film\ndull")
+    _slide(browser, 1.0)
+    _exit_layers(browser, {"1"})
+    assert browser.find_element(By.ID, "error").text == ""
+    _screenshot(browser, "playground-multitask.png")

@@ -161,8 +161,8 @@ OWN_CHECKS = [one_error_shape, no_unasked_server_error]
 # the model served: pairs sent to a single-text model, layer bounds beyond its depth, a text
 # its tokenizer makes no token of, or exit settings that do not go together (a patience without
 # the patience policy, a policy the model does not run, max_prob with no threshold on a model
-# that has no calibrated one). The server refuses those with a 422 naming the field, as
-# documented (app/service.py check_inputs): no failure of the schema. Nothing else is excused:
+# that has no calibrated one, a task for a model of none). The server refuses those with a 422
+# naming the field, as documented (app/service.py check_inputs): no failure of the schema. Nothing else is excused:
 # a 422 from parsing (a schema-valid value the parser refuses) still fails.
 MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"inputs\[\d+\]"), ("takes single texts", "takes [text, text_pair] pairs", "text is blank")),
@@ -171,6 +171,7 @@ MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"policy"), ("is not one of model",)),
     (re.compile(r"threshold"), ("no calibrated max_prob threshold",)),
     (re.compile(r"max_accuracy_drop"), ("not both", "no calibration table", "is within")),
+    (re.compile(r"task"), ("takes no task", "serves several tasks", "has no task")),  # multi-task models'
 )
 # /v2's infer schema cannot say either that a tensor's shape counts its data, that the inputs are
 # the model's (text_pair only for pair models, each once; outputs too), or the model's depth: the same kind
@@ -178,7 +179,7 @@ MODEL_DEPENDENT_REFUSALS = (
 V2_MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"inputs\[\d+\]\.shape"), ("elements but", "differs from the shape of 'text'")),
     (re.compile(r"inputs\[\d+\]\.name"), ("unexpected inference input", "is given twice")),
-    (re.compile(r"outputs\[\d+\]\.name"), ("is requested twice",)),
+    (re.compile(r"outputs\[\d+\]\.name"), ("is requested twice", "is a multi-task model's")),
     (re.compile(r"inputs"), ("needs the input",)),
     (re.compile(r"inputs\[\d+\](\.data\[\d+\])?"), ("text is blank",)),
     (re.compile(r"parameters\.(min|max)_layers"), ("in the model's layers", "exceeds max_layers")),
@@ -186,6 +187,7 @@ V2_MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"parameters\.policy"), ("is not one of model",)),
     (re.compile(r"parameters\.threshold"), ("no calibrated max_prob threshold",)),
     (re.compile(r"parameters\.max_accuracy_drop"), ("not both", "no calibration table", "is within")),
+    (re.compile(r"parameters\.task"), ("takes no task", "serves several tasks", "has no task")),
 )
 
 
