@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.calibration import fine_grid
+from app.calibration import exit_temperatures, fine_grid
 from app.encoding import EncodedBatch, TextEncoder
-from app.manifest import (CalibrationPoint, Graphs, Manifest, Provenance, TaskHead, TaskLayerResult,
-                          Verification, describe_file, write_manifest)
-from app.policies import ENTROPY, REGRESSION, simulate_exits, simulate_regression
+from app.manifest import (CalibrationPoint, Graphs, Manifest, PolicyCalibration, Provenance, TaskHead,
+                          TaskLayerResult, Verification, describe_file, write_manifest)
+from app.policies import ENTROPY, MAX_PROB, PATIENCE, REGRESSION, simulate_exits, simulate_regression
 from app.uncertainty import softmax
 from training import progress
 from training.dataset import model_input
@@ -179,6 +179,31 @@ def sweep(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, step: 
     return points
 
 
+def other_policies(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, tolerance_points: float,
+                   step: float = 0.01) -> tuple[list[float], dict[str, PolicyCalibration]]:
+    """A classification task's exit temperatures and its max_prob and patience tables, each with
+    its recommended setting (the same rule as entropy's, on the task's metric)."""
+    probs = softmax(layer_outputs)
+    layers = probs.shape[0]
+    temperatures = exit_temperatures(probs, targets)
+    max_prob = []
+    for threshold in fine_grid(step):
+        exit_layer, final = simulate_exits(probs, threshold, policy=MAX_PROB, temperatures=temperatures)
+        max_prob.append(_point(part, layers, exit_layer, final, probs[-1], targets, threshold, None))
+    patience = []
+    for count in range(1, layers):
+        exit_layer, final = simulate_exits(probs, 0.0, policy=PATIENCE, patience=count)
+        patience.append(_point(part, layers, exit_layer, final, probs[-1], targets, None, count))
+    policies = {"max_prob": PolicyCalibration(points=max_prob,
+                                              recommended_threshold=recommend(max_prob, tolerance_points).threshold)}
+    if patience:
+        full = _point(part, layers, np.full(probs.shape[1], layers), probs[-1], probs[-1], targets, 0.0, None)
+        fitting = [p for p in patience if (full.metric - p.metric) * 100 <= tolerance_points + 1e-9]
+        policies["patience"] = PolicyCalibration(
+            points=patience, recommended_patience=min(p.patience for p in fitting) if fitting else None)
+    return temperatures, policies
+
+
 def recommend(points: list[CalibrationPoint], tolerance_points: float) -> CalibrationPoint:
     """The fastest setting whose metric is within `tolerance_points` (x 100) of full depth; ties
     go to the more cautious one (smaller threshold, larger patience)."""
@@ -217,13 +242,17 @@ def export_multitask_bundle(model: MultiTaskModel, parts: Sequence[TaskPart], to
         for part in parts:
             rows = part.calibration if part.calibration is not None else part.dev
             with progress.phase(f"calibration of task {part.name}", f"{len(rows):,} rows"):
-                points = sweep(part, runner.all_outputs(part.name, encoder, _inputs(rows)), _targets(part, rows))
+                outputs = runner.all_outputs(part.name, encoder, _inputs(rows))
+                points = sweep(part, outputs, _targets(part, rows))
                 best = recommend(points, tolerance_points)
+                temperatures, policies = (None, {}) if part.kind == "regression" else \
+                    other_policies(part, outputs, _targets(part, rows), tolerance_points)
             heads.append(TaskHead(
                 name=part.name, kind=part.kind, labels=part.labels, source_labels=part.source_labels or None,
                 text_pair=part.text_pair, metric=part.metric,
                 exits=[exit_file(part.name, i) for i in range(model.num_layers)], score_range=part.score_range,
                 recommended_threshold=best.threshold, recommended_patience=best.patience, calibration=points,
+                exit_temperatures=temperatures, policies=policies,
                 dev_results=[TaskLayerResult(layer=i, metrics=m) for i, m in enumerate(dev_results[part.name], 1)],
                 calibration_data=part.records.get("calibration", part.records["dev"]),
                 train=part.records["train"], dev=part.records["dev"]))

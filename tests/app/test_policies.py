@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.policies import (CONFIDENT_PATIENCE, ENTROPY, MAX_PROB, PATIENCE, ExitSettings, ExitState, simulate,
-                          simulate_exits, step, top_probability_uncertainty)
+from app.policies import (CONFIDENT_PATIENCE, ENTROPY, MAX_PROB, PATIENCE, REGRESSION, ExitSettings, ExitState,
+                          simulate, simulate_exits, simulate_regression, step, top_probability_uncertainty)
 from app.registry import load_model
 from app.server import create_app
 from app.settings import Settings
@@ -31,6 +31,20 @@ def test_patience_leaves_once_the_prediction_has_held_for_patience_exits():
     # the streak reached 2 at exit 4, before min_layers 5; the prediction then changed at 5
     exit_layer, final = simulate_exits(probs, 0.0, policy=PATIENCE, patience=2, min_layers=5)
     assert exit_layer.tolist() == [6] and final[0].tolist() == pytest.approx([0.6, 0.4])
+
+
+def test_regression_leaves_once_the_score_has_held_still_for_patience_exits():
+    # scores by exit (range 0..5, threshold 0.1: a move under 0.5 is "still")
+    scores = np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 1.05], [1.0, 2.02, 1.6], [1.0, 2.03, 1.61], [1.0, 3.0, 1.62],
+                       [1.0, 3.0, 1.6]], dtype=np.float32)
+    settings = ExitSettings.of(3, 0.1, 1, 6, REGRESSION, 2)
+    exit_layer, final = simulate_regression(scores, settings, 5.0)
+    # row 0 never moves: still at exits 2 and 3; row 1 jumps at 2 (0.2 of the range), then holds
+    # at 3 and 4; row 2 holds at 2, jumps 0.11 at 3, holds at 4 and 5
+    assert exit_layer.tolist() == [3, 4, 5] and final.tolist() == pytest.approx([1.0, 2.03, 1.62])
+    assert simulate_regression(scores, ExitSettings.of(3, 0.0, 1, 6, REGRESSION, 1), 5.0)[0].tolist() == [6, 6, 6]
+    assert simulate_regression(scores, ExitSettings.of(3, 1.0, 1, 6, REGRESSION, 1), 5.0)[0].tolist() == [2, 2, 2]
+    assert simulate_regression(scores, ExitSettings.of(3, 0.1, 4, 6, REGRESSION, 1), 5.0)[0].tolist() == [4, 4, 4]
 
 
 def test_patience_with_a_threshold_counts_confident_exits_in_a_row():

@@ -131,6 +131,11 @@ def test_tiny_bundle_lists_every_task_with_its_own_calibration(tiny_multitask_bu
         full = next(p for p in t.calibration if p.threshold == 0.0 and p.patience in (None, 1))
         assert full.mean_exit_layer == 3.0
         assert {"mean_exit_layer", "measured_speedup"} <= set(t.dev_at_recommended)
+    for name in ("sent", "pair"):  # classification tasks: every policy calibrated, as single bundles are
+        assert len(tasks[name].exit_temperatures) == 3
+        assert tasks[name].policies["max_prob"].recommended_threshold is not None
+        assert [p.patience for p in tasks[name].policies["patience"].points] == [1, 2]
+    assert sim.policies == {} and {p.patience for p in sim.calibration} == {1, 2, 3}
     # the shared layers once: one graph per layer, whatever the number of tasks
     assert len(manifest.graphs.layers) == 3
     assert len({f.path for f in manifest.files}) == 2 + 3 + 3 * 3
@@ -157,3 +162,22 @@ def test_ensemble_soft_targets_are_the_members_average(tiny_multitask_bundle, ti
         fresh.append(torch.cat(rows).numpy())
     np.testing.assert_allclose(ensemble.soft_targets, np.mean(fresh, axis=0), atol=1e-5)
     assert ensemble.soft_targets.shape == (len(part.train), 2)
+
+
+def test_tasks_from_a_toml_recipe(tmp_path):
+    import argparse
+
+    from training.errors import CommandError
+    from training.multitask_cli import task_specs
+
+    recipe = tmp_path / "glue.toml"
+    recipe.write_text('epochs = 2\n[tasks.sst2]\ntrain = "a.tsv"\ndev = "b.tsv"\nlabel_names = ["negative", "positive"]\n'
+                      '[tasks.stsb]\ntrain = "c.tsv"\ndev = "d.tsv"\nregression = true\n')
+    args = argparse.Namespace(task=[], label_names=[], regression=[], config=recipe)
+    specs, names, regression = task_specs(args)
+    assert [(s.name, s.train.name, s.dev.name) for s in specs] == [("sst2", "a.tsv", "b.tsv"), ("stsb", "c.tsv", "d.tsv")]
+    assert names == {"sst2": ["negative", "positive"]} and regression == {"stsb"}
+    with pytest.raises(CommandError, match="not among the tasks"):
+        task_specs(argparse.Namespace(task=["rte=a,b"], label_names=["sst2=x,y"], regression=[], config=None))
+    with pytest.raises(CommandError, match="no task"):
+        task_specs(argparse.Namespace(task=[], label_names=[], regression=[], config=None))
