@@ -11,6 +11,16 @@ from app.manifest import Manifest, read_manifest
 PLOT_NAME = "calibration.png"
 
 
+def in_sample(manifest: Manifest) -> bool:
+    """Whether the calibration was fitted on the dev file (so dev figures at its threshold are in sample)."""
+    data, dev = manifest.calibration_data, manifest.provenance.dev
+    return data is None or (dev is not None and data.path == dev.path)
+
+
+def calibration_label(manifest: Manifest) -> str:
+    return "dev accuracy" if in_sample(manifest) else "calibration-rows accuracy"
+
+
 def plot_calibration(manifest: Manifest, path: Path) -> Path:
     import matplotlib
 
@@ -20,9 +30,10 @@ def plot_calibration(manifest: Manifest, path: Path) -> Path:
     points = manifest.calibration
     thresholds = [p.threshold for p in points]
     fig, acc_axis = plt.subplots(figsize=(7, 4), dpi=120)
-    acc_axis.plot(thresholds, [100 * p.accuracy for p in points], color="tab:blue", label="dev accuracy")
+    label = calibration_label(manifest)
+    acc_axis.plot(thresholds, [100 * p.accuracy for p in points], color="tab:blue", label=label)
     acc_axis.set_xlabel("uncertainty threshold")
-    acc_axis.set_ylabel("dev accuracy (%)", color="tab:blue")
+    acc_axis.set_ylabel(f"{label} (%)", color="tab:blue")
     speed_axis = acc_axis.twinx()
     speed_axis.plot(thresholds, [p.ideal_speedup for p in points], color="tab:orange",
                     linestyle="--", label="ideal speedup (layers / mean exit)")
@@ -35,7 +46,8 @@ def plot_calibration(manifest: Manifest, path: Path) -> Path:
     lines = acc_axis.get_legend_handles_labels()
     more = speed_axis.get_legend_handles_labels()
     acc_axis.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left", fontsize=8)
-    acc_axis.set_title(f"{manifest.name}: accuracy and speed against threshold (dev)")
+    rows = "dev" if in_sample(manifest) else "held-out calibration rows"
+    acc_axis.set_title(f"{manifest.name}: accuracy and speed against threshold ({rows})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -48,7 +60,7 @@ def _teacher_name(teacher: str) -> str:
 
 
 def _calibration_rows(manifest: Manifest) -> list[str]:
-    rows = ["| threshold | dev accuracy | mean exit layer | ideal speedup | measured speedup |",
+    rows = [f"| threshold | {calibration_label(manifest)} | mean exit layer | ideal speedup | measured speedup |",
             "|---:|---:|---:|---:|---:|"]
     for p in manifest.calibration:
         if p.measured_speedup is None:
@@ -75,6 +87,20 @@ def _bench_rows(report: dict) -> list[str]:
                     f"({base.get('attn_implementation')} attention, {base['threads']} threads): accuracy "
                     f"{100 * base['accuracy']:.2f}, {base['throughput_rows_per_s']:.0f} rows/s.")
     return rows
+
+
+def _at_recommended(m: Manifest, report: dict) -> list[str]:
+    """The bench's figures at the recommended threshold against full depth, said as what they are."""
+    by_threshold = {round(r["threshold"], 4): r for r in report["results"]}
+    chosen, full = by_threshold.get(round(m.recommended_threshold, 4)), by_threshold.get(0.0)
+    if chosen is None or full is None:
+        return []
+    kind = "in sample: the threshold was chosen on these rows" if in_sample(m) else \
+        "out of sample: the threshold was chosen on other rows"
+    return [f"At the recommended threshold {m.recommended_threshold:.2f} ({kind}): accuracy "
+            f"{100 * chosen['accuracy']:.2f} against {100 * full['accuracy']:.2f} at full depth "
+            f"({100 * (chosen['accuracy'] - full['accuracy']):+.2f} points), {chosen['speedup_vs_full']:.2f}x "
+            f"its speed.", ""]
 
 
 def write_model_card(bundle: Path, bench_json: Path | None = None, notes: Path | None = None) -> Path:
@@ -113,7 +139,7 @@ def write_model_card(bundle: Path, bench_json: Path | None = None, notes: Path |
         lines += [f"Export check (fp32 ONNX vs PyTorch, every layer, random and real inputs): max |logit diff| "
                   f"{max(m.verification.max_abs_logit_diff):.2e} (tolerance {m.verification.tolerance:g}).", ""]
     where = "dev, in sample (the dev figures at the recommended threshold are not out-of-sample numbers)"
-    if m.calibration_data is not None and (m.provenance.dev is None or m.calibration_data.path != m.provenance.dev.path):
+    if not in_sample(m):
         where = (f"`{m.calibration_data.path}` ({m.calibration_data.rows} rows never trained on; dev is not "
                  "used, so the dev figures are out of sample)")
     lines += ["## Calibration", f"Fitted through the real engine at export on {where}. Recommended threshold "
@@ -125,7 +151,7 @@ def write_model_card(bundle: Path, bench_json: Path | None = None, notes: Path |
         machine = report.get("machine", {})
         lines += ["## Benchmark", f"`offramp bench` on `{report['data']}` ({report['rows']} rows, batch "
                   f"{report['batch_size']}, {report['threads']} threads, {machine.get('cpu', '')}):", "",
-                  *_bench_rows(report), ""]
+                  *_bench_rows(report), "", *_at_recommended(m, report)]
     lines += ["## Known limits",
               f"- English only; uncased WordPiece vocabulary; inputs longer than {m.max_seq_length} "
               "tokens are truncated (the response says so).",
