@@ -1,0 +1,29 @@
+"""The multi-task results table reads what the run recorded, number for number."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.manifest import read_manifest
+from bench.multitask_report import main, report
+
+
+def test_report_of_the_tiny_run(tiny_multitask_bundle, tiny_bundle, tmp_path, capsys):
+    checkpoint = tiny_multitask_bundle.parent.parent / "ckpt"
+    result = report(tiny_multitask_bundle, checkpoint, single=tiny_bundle["bundle"])
+    manifest = read_manifest(tiny_multitask_bundle)
+    summary = json.loads((checkpoint / "summary.json").read_text())
+    for task in manifest.tasks:
+        row = result["tasks"][task.name]
+        assert row["student"] == pytest.approx(100 * task.dev_results[-1].metrics[task.metric])
+        assert row["student_exits"] == pytest.approx(100 * task.dev_at_recommended[task.metric])
+        assert row["single_task_each"] == pytest.approx([100 * d[task.metric] for d in summary["teachers"][task.name]["dev"]])
+        assert row["measured_speedup"] == task.dev_at_recommended["measured_speedup"]
+    assert result["averages"]["student"] == pytest.approx(sum(r["student"] for r in result["tasks"].values()) / 3)
+    assert result["sizes"]["ratio_to_one_single_task"] > 0
+    main(["--bundle", str(tiny_multitask_bundle), "--checkpoint", str(checkpoint), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "| multi-task student, distilled (full depth) |" in out and "sim (pearson)" in out
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"].keys() == result["tasks"].keys()
