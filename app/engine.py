@@ -66,6 +66,12 @@ def length_groups(lengths: np.ndarray, call_cost_tokens: float = GROUP_CALL_COST
     return [order[a:b] for a, b in reversed(bounds)]
 
 
+def compact(backend, hidden, mask: np.ndarray, staying: np.ndarray):
+    """The staying rows' hidden states and mask, trimmed to the longest of them."""
+    longest = int(mask[staying].sum(axis=1).max())
+    return backend.select(hidden, staying, longest), mask[staying, :longest]
+
+
 class Engine:
     def __init__(
         self,
@@ -168,9 +174,7 @@ class Engine:
                     break
                 active = active[staying]
                 state = state.take(staying)
-                longest = int(mask[staying].sum(axis=1).max())
-                hidden = self.backend.select(hidden, staying, longest)
-                mask = mask[staying, :longest]
+                hidden, mask = compact(self.backend, hidden, mask, staying)
         return ExitResult(probabilities, exit_layer, uncertainty)
 
     def all_layer_probabilities(self, batch: EncodedBatch) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from app.backends import make_backend
 from app.encoding import EncodedBatch, TextEncoder
-from app.engine import GROUP_CALL_COST_TOKENS, ExitResult, length_groups
+from app.engine import GROUP_CALL_COST_TOKENS, ExitResult, compact, length_groups
 from app.manifest import Manifest, TaskHead, read_manifest
 from app.policies import ENTROPY, POLICIES, REGRESSION, ExitSettings, ExitState, regression_step, step
 from app.threads import cpu_quota
@@ -186,9 +186,7 @@ class MultiTaskEngine:
                     break
                 active = active[staying]
                 state = state.take(staying)
-                longest = int(mask[staying].sum(axis=1).max())
-                hidden = self.backend.select(hidden, staying, longest)
-                mask = mask[staying, :longest]
+                hidden, mask = compact(self.backend, hidden, mask, staying)
 
     def all_layer_probabilities(self, batch: EncodedBatch) -> np.ndarray:
         """Every exit's output for every row, [layers, rows, output_width] (full depth): each

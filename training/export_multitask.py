@@ -22,7 +22,7 @@ from app.calibration import exit_temperatures, fine_grid
 from app.encoding import EncodedBatch, TextEncoder
 from app.manifest import (CalibrationPoint, Graphs, Manifest, PolicyCalibration, Provenance, TaskHead,
                           TaskLayerResult, Verification, describe_file, write_manifest)
-from app.policies import ENTROPY, MAX_PROB, PATIENCE, REGRESSION, simulate_exits, simulate_regression
+from app.policies import ENTROPY, MAX_PROB, PATIENCE, REGRESSION, ExitSettings, simulate_exits, simulate_regression
 from app.uncertainty import softmax
 from training import progress
 from training.dataset import model_input
@@ -162,8 +162,6 @@ def sweep(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, step: 
     layers, rows = layer_outputs.shape[:2]
     if part.kind == "regression":
         scores, width = layer_outputs[..., 0], part.score_range[1] - part.score_range[0]
-        from app.policies import ExitSettings
-
         points = []
         for patience in PATIENCES:
             for threshold in fine_grid(step * 2):
@@ -279,8 +277,6 @@ def dev_at_recommended(bundle_dir: Path, manifest: Manifest, runner: GraphRunner
     served engine on the first `timing_rows` dev rows."""
     outputs = runner.all_outputs(part.name, encoder, _inputs(part.dev))
     rows = outputs.shape[1]
-    from app.policies import ExitSettings
-
     if part.kind == "regression":
         settings = ExitSettings.of(rows, head.recommended_threshold, 1, manifest.num_layers, REGRESSION,
                                    head.recommended_patience or 1)
