@@ -9,6 +9,9 @@ A bundle is a folder:
 A cascade (`offramp cascade`) is a folder of whole bundles under `stages/`, run in order as one
 network whose layers are numbered on through the stages; its manifest lists every stage file.
 
+A generation bundle (`offramp train cmlm`) is an encoder-decoder with an exit after every decoder
+layer; `generation` (GenerationSpec) lists its graphs and how they are called.
+
 A multi-task bundle (`offramp train multitask`) has one encoder for several tasks: its
 layer_NN.onnx are the shared layers alone, (hidden, attention_mask) -> hidden_out, and every task
 has its own exit after every layer, heads/TASK/exit_NN.onnx: (hidden, attention_mask) -> logits
@@ -179,6 +182,61 @@ class TaskHead(BaseModel):
         return 1 if self.kind == "regression" else len(self.labels)
 
 
+class GenerationPoint(BaseModel):
+    """Dev ROUGE and depth of greedy decoding at one per-token exit threshold."""
+
+    threshold: float
+    rouge1: float
+    rouge2: float
+    rougeL: float
+    mean_exit_layer: float  # decoder layers per generated token
+    ideal_speedup: float  # decoder layers at full depth / mean_exit_layer
+    measured_speedup: float | None = None  # decoder wall time, full depth / this threshold
+
+
+class GenerationSpec(BaseModel):
+    """The graphs of a generation bundle and how the engine (app/generation.py) calls them.
+
+    encoder:    (input_ids, attention_mask) [rows, S] int64 -> memory [rows, S, d]
+    cross_kv:   (memory) -> cross_key, cross_value [layers, rows, heads, S, head_dim]
+    embed:      (token_ids, positions) [rows] int64 -> hidden [rows, d]
+    layers[i]:  (hidden [rows, d], past_key, past_value [rows, heads, t, head_dim],
+                 cross_key, cross_value [rows, heads, S, head_dim], attention_mask [rows, S])
+                -> hidden_out [rows, d], present_key, present_value [rows, heads, t+1, head_dim],
+                   exit_hidden [rows, d] (the exit's normalised state), exit_uncertainty [rows]
+    kv_fill[i]: (hidden [rows, d]) -> key, value [rows, heads, 1, head_dim]: layer i's self-attention
+                entries computed from a state that left before layer i (CALM state propagation)
+    projection: (exit_hidden [rows, d]) -> log_probs [rows, vocab] (shared by every exit)
+    A token leaves after layer i < layers when exit_uncertainty < the request's threshold.
+    """
+
+    encoder: str
+    cross_kv: str
+    embed: str
+    layers: list[str] = Field(min_length=1)
+    kv_fill: list[str] = Field(min_length=1)
+    projection: str
+    num_encoder_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    vocab_size: int = Field(ge=4)
+    max_target_length: int = Field(ge=2)  # positions the decoder has (max_new_tokens' bound)
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+    # Defaults of a request that sets none (the dev calibration decodes with them).
+    max_new_tokens: int = Field(ge=1)
+    num_beams: int = Field(default=1, ge=1)
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    length_penalty: float = 1.0
+    calibration: list[GenerationPoint] = Field(default_factory=list)
+    full_depth: GenerationPoint | None = None  # dev ROUGE at threshold 0
+
+    def files(self) -> set[str]:
+        return {self.encoder, self.cross_kv, self.embed, *self.layers, *self.kv_fill, self.projection}
+
+
 class QuantizationReport(BaseModel):
     method: str
     source_bytes: int
@@ -190,7 +248,7 @@ class QuantizationReport(BaseModel):
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str
-    task: Literal["classification", "multitask"] = "classification"
+    task: Literal["classification", "multitask", "generation"] = "classification"
     # Served names, the index is the class id; a multi-task bundle has none (its tasks have).
     labels: list[str] = Field(default_factory=list)
     # The labels as written in the training file, in class-id order ("0", "1" for SST-2 served
@@ -211,6 +269,7 @@ class Manifest(BaseModel):
     graphs: Graphs | None = None  # a single bundle's graphs; a cascade has stages instead
     stages: list[Stage] | None = None
     tasks: list[TaskHead] | None = None  # a multi-task bundle's tasks (task == "multitask")
+    generation: GenerationSpec | None = None  # a generation bundle's graphs (task == "generation")
     files: list[BundleFile]
     quantization: QuantizationReport | None = None
     provenance: Provenance
@@ -228,6 +287,10 @@ class Manifest(BaseModel):
             raise ValueError(
                 f"format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
             )
+        if (self.task == "generation") != (self.generation is not None):
+            raise ValueError("a generation manifest has its generation graphs, and only it has")
+        if self.generation is not None:
+            return self._check_generation()
         if (self.graphs is None) == (self.stages is None):
             raise ValueError("a manifest has either graphs (one bundle) or stages (a cascade)")
         if (self.task == "multitask") != (self.tasks is not None):
@@ -249,6 +312,22 @@ class Manifest(BaseModel):
         if missing:
             raise ValueError(f"files does not list {missing}")
         return self
+
+    def _check_generation(self) -> Manifest:
+        g = self.generation
+        if self.graphs is not None or self.stages is not None or self.tasks is not None:
+            raise ValueError("a generation bundle has generation graphs only (no graphs, stages or tasks)")
+        if not (len(g.layers) == len(g.kv_fill) == self.num_layers):
+            raise ValueError(f"num_layers is {self.num_layers} but generation lists {len(g.layers)} layers "
+                             f"and {len(g.kv_fill)} kv_fill graphs")
+        missing = sorted((g.files() | {self.tokenizer}) - {f.path for f in self.files})
+        if missing:
+            raise ValueError(f"files does not list {missing}")
+        return self
+
+    @property
+    def is_generation(self) -> bool:
+        return self.generation is not None
 
     def _check_stages(self) -> set[str]:
         if len(self.stages) < 2:
