@@ -297,3 +297,7 @@ def register_train(subparsers) -> None:
     from training.multitask_cli import register as register_multitask
 
     register_multitask(methods)
+
+    from training.generation_cli import register as register_generation
+
+    register_generation(methods)

@@ -148,3 +148,55 @@ def score_self_distillation(teacher_scores: torch.Tensor, exit_scores: Sequence[
     """FastBERT's self-distillation for a regression head: sum_i MSE(y_exit_i, y_last)."""
     teacher = teacher_scores.detach().reshape(-1)
     return torch.stack([F.mse_loss(y.reshape(-1), teacher) for y in exit_scores]).sum()
+
+
+# -- C-MLM distillation for generation (Chen et al. 2020) and per-token exits (CALM) ----------
+
+def label_smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """NLL with label smoothing: (1 - e) * -log p(y) + e * mean_v -log p(v), mean over the
+    positions whose label is not ignore_index. logits [..., vocab], labels [...]."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=ignore_index, label_smoothing=smoothing)
+
+
+def topk_soft_cross_entropy(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
+                            teacher_logits: torch.Tensor, temperature: float = 10.0) -> torch.Tensor:
+    """-sum_k p_k log q(id_k), mean over positions: p = softmax(teacher top-K logits / T) over the
+    K ids the teacher ranked first (renormalised over those the student's vocabulary has: id -1
+    is one it lacks). student_logits [n, vocab]; teacher_ids, teacher_logits [n, K]."""
+    present = teacher_ids >= 0
+    scaled = (teacher_logits.float() / temperature).masked_fill(~present, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    has_any = present.any(-1)
+    log_q = F.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_ids.clamp(min=0))
+    per_position = -(probs * log_q).masked_fill(~present, 0.0).sum(-1)
+    return per_position[has_any].mean() if has_any.any() else student_logits.sum() * 0.0
+
+
+def cmlm_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None,
+              teacher_logits: torch.Tensor | None, alpha: float = 0.5, temperature: float = 10.0,
+              smoothing: float = 0.1) -> torch.Tensor:
+    """(1 - a) * NLL(label smoothing) + a * soft CE(teacher top-K) over the target positions
+    (labels != -100, in row-major order, which is the order of the teacher rows given);
+    without a teacher, the NLL alone (the baseline)."""
+    nll = label_smoothed_nll(student_logits, labels, smoothing)
+    if teacher_ids is None:
+        return nll
+    at = labels != -100
+    return (1 - alpha) * nll + alpha * topk_soft_cross_entropy(student_logits[at], teacher_ids, teacher_logits,
+                                                               temperature)
+
+
+def exit_matching(last_logits: torch.Tensor, exit_logits: torch.Tensor) -> torch.Tensor:
+    """KL(last layer || exit) per position, mean: an exit is trained to say what the last layer says."""
+    target = F.softmax(last_logits.detach().float(), dim=-1)
+    return F.kl_div(F.log_softmax(exit_logits.float(), dim=-1), target, reduction="batchmean")
+
+
+def exit_confidence_loss(confidence_logit: torch.Tensor, exit_logits: torch.Tensor,
+                         last_logits: torch.Tensor) -> torch.Tensor:
+    """BCE of CALM's early-exit classifier: the label is whether this exit's top token is the last
+    layer's (1) or not (0)."""
+    agrees = (exit_logits.argmax(-1) == last_logits.argmax(-1)).float()
+    return F.binary_cross_entropy_with_logits(confidence_logit.float(), agrees.detach())
