@@ -131,7 +131,7 @@ def train_teacher(encoder: str | Path, data: EncodedPairs, specials: dict[str, i
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             progress.update(1)
             if step % 50 == 0:
