@@ -111,6 +111,8 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--rouge-tolerance", type=float, default=0.5,
                    help="ROUGE-L points below full depth the recommended exit threshold may lose on dev")
+    p.add_argument("--no-bundle", action="store_true",
+                   help="stop after the PyTorch model and its ROUGE (results.json in the run folder)")
     p.add_argument("--weights", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: weights stored as float16 (half the bundle; computed in fp32)")
     defaults = StudentConfig()
@@ -149,8 +151,8 @@ def run_student(args: argparse.Namespace) -> None:
 
     import torch
 
-    from training.generation_eval import decode, references, rouge
     from training.methods.cmlm import StudentConfig, train_exits, train_student
+    from training.seq2seq_model import Seq2SeqStudent
     from training.seq2seq_data import encode_pairs, plain_tokenizer, read_pairs, special_ids
 
     if args.teacher_dir is None:
@@ -165,9 +167,18 @@ def run_student(args: argparse.Namespace) -> None:
     teacher = None if args.no_teacher else teacher_targets(args.teacher_dir, args.train, len(train_pairs), data)
     run_dir = args.checkpoint or Path("runs") / args.out.name
     started = time.monotonic()
-    model, report = train_student(data, dev, specials, tokenizer.get_vocab_size(), cfg, run_dir, teacher)
-    report["exits"] = train_exits(model, data, specials, cfg)
-    model.save(run_dir / "model")
+    done = run_dir / "trained.json"  # both stages finished: a rerun goes straight to evaluation
+    if done.is_file():
+        model, report = Seq2SeqStudent.load(run_dir / "model"), json.loads(done.read_text())
+        log.info("cmlm student: %s is trained, evaluating it", run_dir)
+    else:
+        model, report = train_student(data, dev, specials, tokenizer.get_vocab_size(), cfg, run_dir, teacher)
+        report["exits"] = train_exits(model, data, specials, cfg)
+        report["train_wall_time_s"] = round(time.monotonic() - started, 1)
+        model.save(run_dir / "model")
+        done.write_text(json.dumps(report, indent=2) + "\n")
+    from training.generation_eval import decode, references, rouge
+
     decoding = dict(max_source=cfg.max_source, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                     no_repeat_ngram_size=args.no_repeat_ngram_size)
     for name, pairs in (("dev", dev_pairs), ("test", test_pairs)):
@@ -179,9 +190,11 @@ def run_student(args: argparse.Namespace) -> None:
         report[f"{name}_decode_s"] = round(time.monotonic() - t0, 1)
         log.info("%s ROUGE (pytorch, full depth, beams %d): %s", name, args.num_beams, report[f"{name}_rouge"])
         (run_dir / f"{name}_outputs.txt").write_text("".join(t + "\n" for t in texts))
-    report.update(config=dataclasses.asdict(cfg), decoding=decoding, train_wall_time_s=round(time.monotonic() - started, 1),
-                  parameters=sum(p.numel() for p in model.parameters()))
+    report.update(config=dataclasses.asdict(cfg), decoding=decoding, parameters=sum(p.numel() for p in model.parameters()))
     (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.no_bundle:
+        print(f"results written to {run_dir / 'results.json'} (no bundle: --no-bundle)")
+        return
     from training.generation_bundle import write_bundle
 
     write_bundle(model, tokenizer, args, cfg, report, train_pairs, dev_pairs, test_pairs, run_dir)
