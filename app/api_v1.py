@@ -9,6 +9,7 @@ from app.registry import LoadedModel
 from app.schemas import (
     CalibrationInfo,
     ErrorResponse,
+    GenerationInfo,
     ModelInfo,
     ModelList,
     PolicyTable,
@@ -38,7 +39,8 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 41
 def model_info(request: Request, model: LoadedModel) -> ModelInfo:
     registry = request.app.state.registry
     m = model.manifest
-    return ModelInfo(name=model.name, version=model.version, versions=sorted(registry.versions[model.name]),
+    return ModelInfo(name=model.name, task=m.task, generation=generation_info(request, model),
+                     version=model.version, versions=sorted(registry.versions[model.name]),
                      labels=m.labels, layers=m.num_layers, text_pair=m.text_pair,
                      max_seq_length=m.max_seq_length, recommended_threshold=m.recommended_threshold,
                      exit_head=m.exit_head, default=model.name == registry.default_name,
@@ -50,6 +52,19 @@ def model_info(request: Request, model: LoadedModel) -> ModelInfo:
                                   score_range=None if t.score_range is None else list(t.score_range),
                                   recommended_threshold=t.recommended_threshold,
                                   recommended_patience=t.recommended_patience) for t in m.tasks])
+
+
+def generation_info(request: Request, model: LoadedModel) -> GenerationInfo | None:
+    g = model.manifest.generation
+    if g is None:
+        return None
+    from app.generation_service import default_beams, default_new_tokens
+
+    settings = request.app.state.settings
+    return GenerationInfo(decoder_layers=model.manifest.num_layers, encoder_layers=g.num_encoder_layers,
+                          max_target_length=g.max_target_length, max_new_tokens=default_new_tokens(g),
+                          num_beams=default_beams(g, settings), max_beams=settings.max_beams,
+                          no_repeat_ngram_size=g.no_repeat_ngram_size, vocab_size=g.vocab_size)
 
 
 def to_response(result: Classification, return_probabilities: bool) -> PredictResponse:
@@ -146,11 +161,16 @@ async def get_model(model: str, request: Request):
 async def get_calibration(model: str, request: Request, task: str | None = None):
     """Every exit policy's calibration table and recommended setting (what the playground plots);
     of a multi-task model, those of the task `task` (needed when it serves several). A regression
-    task has one table, its one rule's, under `patience` (a threshold and a patience per point)."""
+    task has one table, its one rule's, under `patience` (a threshold and a patience per point).
+    A generation model has one, its per-token exit's, under `token_exit` (dev ROUGE per threshold)."""
     loaded = request.app.state.registry.get(model)
     if loaded is None:
         raise RequestError(404, "model", f"no model named {model!r}", "not_found")
     m = loaded.manifest
+    if m.generation is not None:
+        from app.generation_service import generation_calibration
+
+        return generation_calibration(loaded, task)
     index = resolve_task(loaded, task)
     source = m if index is None else m.tasks[index]
     own = "patience" if index is not None and source.kind == "regression" else "entropy"

@@ -79,6 +79,10 @@ def parse_version(version: str | None) -> int | None:
 
 def model_metadata(request: Request, model: LoadedModel, version: int | None) -> ModelMetadata:
     versions = [version] if version is not None else sorted(request.app.state.registry.versions[model.name])
+    if model.is_generation:  # infer refuses it (400 on model): no outputs to describe, where to go instead
+        return ModelMetadata(name=model.name, versions=[str(v) for v in versions], platform="offramp",
+                             inputs=[TensorMetadata(name="text", datatype="BYTES", shape=[-1])], outputs=[],
+                             parameters={"task": "generation", "generate": f"/v1/models/{model.name}/generate"})
     classes = len(model.manifest.labels) if not model.is_multitask else -1  # per task
     extra = [TensorMetadata(name="score", datatype="FP32", shape=[-1])] if model.is_multitask else []
     return ModelMetadata(

@@ -33,8 +33,9 @@ def model_config(request: Request, model: LoadedModel) -> dict:
         "version_policy": {"specific": {"versions": [model.version]}},
         "max_batch_size": 0,  # one request's rows are its first dimension; the server batches them
         "input": [{"name": n, "data_type": "TYPE_STRING", "dims": [-1]} for n in input_names(model)],
-        "output": [{"name": n, "data_type": TRITON_TYPES[n], "dims": [-1, classes] if n == "probabilities" else [-1],
-                    **({"label_filename": ""} if n == "label" else {})} for n in output_names(model)],
+        "output": [] if m.is_generation else [
+            {"name": n, "data_type": TRITON_TYPES[n], "dims": [-1, classes] if n == "probabilities" else [-1],
+             **({"label_filename": ""} if n == "label" else {})} for n in output_names(model)],
         "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
                              "preferred_batch_size": [settings.max_batch_rows]} if settings.batching else None,
         "instance_group": [{"count": 1, "kind": "KIND_GPU" if settings.provider == "cuda" else "KIND_CPU"}],
@@ -49,6 +50,8 @@ def model_config(request: Request, model: LoadedModel) -> dict:
                if m.stages else {}),
             # a multi-task model's tasks, NAME:KIND[:pair] (a request names one: parameter task)
             **({"tasks": {"string_value": task_list(model)}} if m.tasks else {}),
+            # a generation model: served by /v1 generate, not by infer
+            **({"task": {"string_value": "generation"}} if m.is_generation else {}),
             "request_parameters": {"string_value": ",".join(USED_PARAMETERS)},
         },
     }

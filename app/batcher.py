@@ -5,6 +5,12 @@ One worker per model takes the oldest waiting row, fills the batch with the wait
 most similar length (bounded by rows and by padded tokens = rows x longest), runs it off the
 event loop, and hands every request its rows back. The queue is bounded (QueueFull -> 429);
 rows of a request whose client has gone or whose deadline has passed are dropped unrun.
+
+A generation model's batcher takes GenerationJobs instead (one model, so one kind of job per
+batcher): the same queue, budgets, deadlines and drain; its rows carry their request's decoding
+parameters into engine.generate as per-row arrays, so requests of different parameters share a
+batch. A generation row's cost for the token budget is its source tokens + max_new_tokens x
+num_beams (what it can grow to), so the one budget (rows x costliest row) bounds both kinds.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from functools import partial
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -83,6 +90,38 @@ class Job:
 
 
 @dataclass
+class GenerationJob:
+    """A generate request's rows (app/generation.py SourceBatch) and its decoding parameters;
+    its answer is a Generated per row. Same queue life as a Job (deadline, disconnect, drain)."""
+
+    batch: Any  # SourceBatch (not imported: the batcher needs only its rows, lengths and gather)
+    max_new_tokens: int
+    num_beams: int
+    threshold: float
+    no_repeat_ngram_size: int
+    deadline: float | None = None
+    is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future | None = None
+    outputs: list | None = None  # filled as rows come back
+    remaining: int = 0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batch_rows: list[int] = field(default_factory=list)
+    lengths: np.ndarray = field(init=False)  # each row's cost in the token budget (the module's docstring)
+
+    def __post_init__(self) -> None:
+        self.lengths = np.asarray(self.batch.lengths, dtype=np.int64) + self.max_new_tokens * self.num_beams
+
+    @property
+    def rows(self) -> int:
+        return int(self.batch.rows)
+
+    def result(self) -> list:
+        return self.outputs
+
+
+@dataclass
 class BatchStats:
     """What the last batch looked like (for metrics)."""
 
@@ -90,7 +129,8 @@ class BatchStats:
     padded_tokens: int
     queue_s: list[float]  # of each request in the batch
     inference_s: float
-    exit_layer: np.ndarray
+    exit_layer: np.ndarray  # per row; of a generation batch, per generated token
+    generated_tokens: int | None = None  # a generation batch's; None: a classification batch
 
 
 class Batcher:
@@ -150,9 +190,12 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down")
         job.future = asyncio.get_running_loop().create_future()
         rows = job.rows
-        job.probabilities = np.zeros((rows, self.engine.output_width), dtype=np.float32)
-        job.exit_layer = np.zeros(rows, dtype=np.int64)
-        job.uncertainty = np.zeros(rows, dtype=np.float32)
+        if isinstance(job, GenerationJob):
+            job.outputs = [None] * rows
+        else:
+            job.probabilities = np.zeros((rows, self.engine.output_width), dtype=np.float32)
+            job.exit_layer = np.zeros(rows, dtype=np.int64)
+            job.uncertainty = np.zeros(rows, dtype=np.float32)
         job.remaining = rows
         self._pending.extend((job, r) for r in range(rows))
         self._wakeup.set()
@@ -235,6 +278,8 @@ class Batcher:
         return chosen
 
     async def _compute(self, chosen: list[tuple[Job, int]]) -> None:
+        if isinstance(chosen[0][0], GenerationJob):
+            return await self._generate(chosen)
         batch = _merge(chosen)
         threshold = np.array([job.threshold for job, _ in chosen], dtype=np.float32)
         min_layers = np.array([job.min_layers for job, _ in chosen], dtype=np.int64)
@@ -256,18 +301,52 @@ class Batcher:
             job.exit_layer[row] = result.exit_layer[i]
             job.uncertainty[row] = result.uncertainty[i]
             job.remaining -= 1
-        jobs = _unique(job for job, _ in chosen)
-        for job in jobs:
-            job.queue_s = max(job.queue_s, start - job.enqueued)
-            job.inference_s += elapsed
-            job.batch_rows.append(len(chosen))
-            if job.remaining == 0 and not job.future.done():
-                job.future.set_result(job.result())
+        jobs = _settle(chosen, start, elapsed)
         if self.auditor is not None:
             self.auditor.sample(batch, result.probabilities, result.exit_layer, policy, threshold, patience)
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(chosen), int(batch.input_ids.size),
                                      [start - job.enqueued for job in jobs], elapsed, result.exit_layer))
+
+
+    async def _generate(self, chosen: list[tuple[GenerationJob, int]]) -> None:
+        """A batch of generation rows: each row decodes with its own request's parameters."""
+        batch = _merge(chosen)
+        params = dict(
+            max_new_tokens=np.array([job.max_new_tokens for job, _ in chosen], dtype=np.int64),
+            num_beams=np.array([job.num_beams for job, _ in chosen], dtype=np.int64),
+            threshold=np.array([job.threshold for job, _ in chosen], dtype=np.float32),
+            no_repeat_ngram_size=np.array([job.no_repeat_ngram_size for job, _ in chosen], dtype=np.int64))
+        start = time.monotonic()
+        try:
+            outputs = await in_worker(partial(self.engine.generate, batch, **params))
+        except Exception as exc:  # a failed batch fails its requests, not the worker
+            log.exception("generation batch of %d rows failed", len(chosen))
+            for job in _unique(j for j, _ in chosen):
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        elapsed = time.monotonic() - start
+        for output, (job, row) in zip(outputs, chosen):
+            job.outputs[row] = output
+            job.remaining -= 1
+        jobs = _settle(chosen, start, elapsed)
+        if self.on_batch is not None:
+            layers = [layer for output in outputs for layer in output.exit_layers]
+            self.on_batch(BatchStats(len(chosen), int(batch.input_ids.size), [start - job.enqueued for job in jobs],
+                                     elapsed, np.asarray(layers, dtype=np.int64), generated_tokens=len(layers)))
+
+
+def _settle(chosen: list, start: float, elapsed: float) -> list:
+    """Every request of a computed batch: its timing, and its answer once all its rows are in."""
+    jobs = _unique(job for job, _ in chosen)
+    for job in jobs:
+        job.queue_s = max(job.queue_s, start - job.enqueued)
+        job.inference_s += elapsed
+        job.batch_rows.append(len(chosen))
+        if job.remaining == 0 and not job.future.done():
+            job.future.set_result(job.result())
+    return jobs
 
 
 def _unique(jobs) -> list[Job]:
@@ -277,5 +356,5 @@ def _unique(jobs) -> list[Job]:
 def _merge(chosen: list[tuple[Job, int]]) -> EncodedBatch:
     """One right-padded batch of the chosen rows of several requests (of one model, so all of
     one kind of batch: a cascade's carries every stage's tokens, a multi-task bundle's each row's
-    task, so rows of different tasks share the batch)."""
+    task, so rows of different tasks share the batch; a generation model's is a SourceBatch)."""
     return type(chosen[0][0].batch).gather([(job.batch, row) for job, row in chosen])

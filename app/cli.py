@@ -66,6 +66,8 @@ def predict(args: argparse.Namespace) -> None:
     if not bundles:
         sys.exit(f"no model bundle {args.model or ''} in {settings.model_dir}")
     model = load_model(bundles[0], settings.provider, settings.intra_op_threads)
+    if model.is_generation:
+        sys.exit(f"{model.name} is a generation bundle: use offramp generate")
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     # A multi-task bundle's task: its input kind, labels and defaults (its rule, for regression).
     head, code, patience = None, 0, 0
@@ -107,6 +109,42 @@ def predict(args: argparse.Namespace) -> None:
         print(json.dumps(row))
 
 
+def generate(args: argparse.Namespace) -> None:
+    """A generation bundle run here, no server: one JSON line per text, with its generated text
+    and the decoder layers its tokens left at."""
+    import numpy as np
+
+    from app.generation_service import decoding
+    from app.manifest import MANIFEST_NAME
+    from app.registry import find_bundles, load_model
+    from app.request_policy import RequestError
+
+    settings = _settings(args)
+    if args.model and (Path(args.model) / MANIFEST_NAME).is_file():
+        bundles = [Path(args.model)]  # a bundle folder
+    else:
+        bundles = [b for b in find_bundles(settings.model_dir) if args.model in (None, b.name)]
+    if not bundles:
+        sys.exit(f"no model bundle {args.model or ''} in {settings.model_dir}")
+    model = load_model(bundles[0], settings.provider, settings.intra_op_threads)
+    if not model.is_generation:
+        sys.exit(f"{model.name} is not a generation bundle: use offramp predict")
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        new_tokens, beams, threshold, ngram = decoding(model, settings, args.max_new_tokens, args.num_beams,
+                                                       args.threshold, args.no_repeat_ngram_size)
+    except RequestError as exc:
+        sys.exit(f"--{exc.field.replace('_', '-')}: {str(exc).removeprefix(exc.field + ': ')}")
+    rows = len(texts)
+    outputs = model.engine.generate(
+        model.encoder.encode(texts), max_new_tokens=np.full(rows, new_tokens, dtype=np.int64),
+        num_beams=np.full(rows, beams, dtype=np.int64), threshold=np.full(rows, threshold, dtype=np.float32),
+        no_repeat_ngram_size=np.full(rows, ngram, dtype=np.int64))
+    for text, output in zip(texts, outputs):
+        print(json.dumps({"input": text, "text": output.text, "mean_exit_layer": round(output.mean_exit_layer, 3),
+                          "exit_layers": list(output.exit_layers), "layers": model.manifest.num_layers}))
+
+
 def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, help="bundle folder, or a folder of bundles (OFFRAMP_MODEL_DIR)")
     p.add_argument("--default-model", help="bundle served by default (OFFRAMP_DEFAULT_MODEL)")
@@ -139,6 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-layers", type=int)
     p.add_argument("texts", nargs="*", help="texts (tab-separated pairs for pair models)")
     p.set_defaults(func=predict)
+
+    p = sub.add_parser("generate", help="generate text with a generation bundle (arguments or stdin lines), "
+                                        "without a server")
+    _server_flags(p)
+    p.add_argument("--model", help="a bundle folder, or a bundle name inside --model-dir")
+    p.add_argument("--threshold", type=float, help="per-token exit threshold; default: the bundle's recommended")
+    p.add_argument("--num-beams", type=int, help="beam width (1: greedy); default: the bundle's")
+    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="default: the bundle's")
+    p.add_argument("texts", nargs="*", help="source texts")
+    p.set_defaults(func=generate)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     # `offramp train` imports torch to build its options: only when it is the command.

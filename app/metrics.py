@@ -39,7 +39,7 @@ class ModelStats:
     queue: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     batches: dict[int, Duration] = field(default_factory=dict)  # rows per batch -> its computes
-    exit_layers: Tally = field(default_factory=Tally)
+    exit_layers: Tally = field(default_factory=Tally)  # a generation model: its tokens, by decoder layer
 
 
 class Metrics:
@@ -64,6 +64,12 @@ class Metrics:
                                        ["model"], registry=r)
         self.layers_saved = Counter("offramp_layers_saved_total",
                                     "Layers not run thanks to early exit, summed over rows", ["model"], registry=r)
+        # Generation models (a batch's rows are texts, each of many tokens that leave one by one)
+        self.generated_tokens = Counter("offramp_generated_tokens_total",
+                                        "Decoding steps run: tokens generated, each final eos included", ["model"],
+                                        registry=r)
+        self.decoder_exit_layer = Histogram("offramp_decoder_exit_layer", "Decoder layer each decoding step exited at",
+                                            ["model"], buckets=LAYER_BUCKETS, registry=r)
         self.default_threshold = Gauge("offramp_default_threshold",
                                        "Threshold of requests that set none, as the latency controller holds it",
                                        ["model"], registry=r)
@@ -116,6 +122,12 @@ class Metrics:
         self.inference_duration.labels(model).observe(stats.inference_s)
         for seconds in stats.queue_s:
             self.queue_duration.labels(model).observe(seconds)
+        if stats.generated_tokens is not None:  # exit layers of tokens, not rows: families of their own
+            self.generated_tokens.labels(model).inc(stats.generated_tokens)
+            histogram = self.decoder_exit_layer.labels(model)
+            for layer in stats.exit_layer.tolist():
+                histogram.observe(layer)
+            return
         for layer in stats.exit_layer.tolist():
             self.exit_layer.labels(model).observe(layer)
         executed = int(stats.exit_layer.sum())

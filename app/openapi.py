@@ -4,7 +4,7 @@ shape) is written in here, once."""
 
 from __future__ import annotations
 
-from app.schemas import PredictRequest
+from app.schemas import GenerateRequest, PredictRequest
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 VERSION_PATTERN = "^[0-9]+$"
@@ -13,9 +13,10 @@ VERSION_PATTERN = "^[0-9]+$"
 def complete(schema: dict) -> dict:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     # /v1 reads its bodies itself (after the API key and admission): its schema is added here.
-    request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    components.update(request_schema.pop("$defs", {}))
-    components["PredictRequest"] = request_schema
+    for body in (PredictRequest, GenerateRequest):
+        request_schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(request_schema.pop("$defs", {}))
+        components[body.__name__] = request_schema
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):

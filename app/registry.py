@@ -35,8 +35,8 @@ class LoadedModel:
     version: int
     path: Path
     manifest: Manifest
-    encoder: TextEncoder | CascadeEncoder
-    engine: Engine | CascadeEngine | MultiTaskEngine
+    encoder: TextEncoder | CascadeEncoder  # or a generation bundle's GenerationEncoder
+    engine: Engine | CascadeEngine | MultiTaskEngine  # or its GenerationEngine
     batcher: Batcher | None = None
     controller: ThresholdController | None = None  # with OFFRAMP_TARGET_P99_MS
     fingerprint: str = ""  # the manifest's file digests: a changed bundle is reloaded
@@ -48,6 +48,11 @@ class LoadedModel:
     @property
     def is_multitask(self) -> bool:
         return self.manifest.tasks is not None
+
+    @property
+    def is_generation(self) -> bool:
+        """Served by generate (app/generation_service.py), not by predict or /v2 infer."""
+        return self.manifest.is_generation
 
 
 def _fingerprint(manifest: Manifest) -> str:
@@ -62,11 +67,12 @@ def load_model(path: Path, provider: str = "cpu", intra_op_threads: int | None =
     manifest = read_manifest(path, verify_files=True)
     encoder = open_encoder(path, manifest)
     engine = open_engine(path, manifest, provider=provider, intra_op_threads=intra_op_threads)
-    if manifest.tasks:
-        warm = warm_up_batch(manifest, encoder)
+    if manifest.is_generation:
+        engine.warm_up()  # its own decoding loop knows what every graph needs to see once
     else:
-        warm = encoder.encode([("warm up", "warm up")] if manifest.text_pair else ["warm up"] * 2)
-    engine.run(warm, threshold=np.float32(0.0))
+        warm = warm_up_batch(manifest, encoder) if manifest.tasks else \
+            encoder.encode([("warm up", "warm up")] if manifest.text_pair else ["warm up"] * 2)
+        engine.run(warm, threshold=np.float32(0.0))
     # Served under its folder name, so models/NAME is /v1/models/NAME whatever it was trained as.
     return LoadedModel(name or path.name, version, path, manifest, encoder, engine,
                        fingerprint=_fingerprint(manifest))
@@ -149,10 +155,11 @@ class Registry:
     def _load(self, name: str, version: int, path: Path) -> LoadedModel:
         model = load_model(path, self.provider, self.intra_op_threads, name, version)
         m = model.manifest
-        log.info("loaded %s version %d from %s (%d layers, %s, provider %s, %d threads)",
-                 name, version, path, m.num_layers,
-                 f"tasks {[t.name for t in m.tasks]}" if m.tasks else f"labels {m.labels}",
-                 model.engine.active_provider, model.engine.intra_op_threads)
+        kind = ("generation" if m.is_generation else f"tasks {[t.name for t in m.tasks]}" if m.tasks
+                else f"labels {m.labels}")
+        log.info("loaded %s version %d from %s (%d layers, %s, provider %s, %s threads)",
+                 name, version, path, m.num_layers, kind, getattr(model.engine, "active_provider", self.provider),
+                 getattr(model.engine, "intra_op_threads", self.intra_op_threads))
         return model
 
     def _start(self, model: LoadedModel) -> None:

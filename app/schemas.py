@@ -52,6 +52,43 @@ class PredictRequest(BaseModel):
     timeout_ms: float | None = Field(default=None, gt=0, description="deadline: 504 instead of a late answer")
 
 
+TokenCount = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+NgramSize = Annotated[int, Field(ge=0), BeforeValidator(_whole_number)]
+
+
+class GenerateRequest(BaseModel):
+    """Text generation (a generation model's `POST /v1/models/{model}/generate`). The bounds
+    that depend on the model or the server (max_new_tokens below the decoder's positions,
+    num_beams up to OFFRAMP_MAX_BEAMS) are checked by the service, each a 422 naming its field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "examples": [{"inputs": ["the committee met on tuesday and approved the budget"], "threshold": 0.3}]})
+
+    inputs: list[Text] = Field(min_length=1, description="source texts, one output each")
+    max_new_tokens: TokenCount | None = Field(
+        default=None, description="tokens to generate at most (1 .. the decoder's positions - 1); default: the "
+                                  "model's (GET /v1/models lists it)")
+    num_beams: TokenCount | None = Field(
+        default=None, description="beam search width, 1 = greedy (at most the server's max_beams); default: "
+                                  "the model's")
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="per-token exit: a token leaves the decoder after the first layer whose uncertainty is "
+                    "below it; 0 = every token at full depth; default: the model's recommended threshold")
+    no_repeat_ngram_size: NgramSize | None = Field(
+        default=None, description="no n-gram of this size is generated twice (0: off); default: the model's")
+    timeout_ms: float | None = Field(default=None, gt=0, description="deadline: 504 instead of a late answer")
+
+
+class GeneratedText(BaseModel):
+    text: str
+    tokens: list[str] = Field(description="the generated tokens (wordpieces), in order, eos not included")
+    exit_layers: list[int] = Field(description="1-based decoder layer each decoding step left at: one per token, "
+                                               "and one more for the final eos when the text ended by itself")
+    mean_exit_layer: float = Field(description="mean of exit_layers")
+    truncated: bool = Field(default=False, description="the source was cut to max_seq_length tokens")
+
+
 class Prediction(BaseModel):
     label: str | None = Field(default=None, description="the predicted label; none for a regression task")
     label_id: int | None = None
@@ -86,6 +123,32 @@ class PredictResponse(BaseModel):
     timing_ms: Timing
 
 
+class GenerateResponse(BaseModel):
+    model: str
+    threshold: float = Field(description="the threshold used")
+    max_new_tokens: int
+    num_beams: int
+    no_repeat_ngram_size: int
+    outputs: list[GeneratedText]
+    layers_executed: int = Field(description="decoder layers run, summed over every output's exit_layers")
+    layers_full: int = Field(description="the decoder's layers: a token's exit layer at full depth")
+    warnings: list[str] = Field(default_factory=list)
+    timing_ms: Timing
+
+
+class GenerationInfo(BaseModel):
+    """A generation model's decoder and the defaults of a generate request."""
+
+    decoder_layers: int
+    encoder_layers: int
+    max_target_length: int = Field(description="decoder positions: max_new_tokens is at most this - 1")
+    max_new_tokens: int = Field(description="default")
+    num_beams: int = Field(description="default")
+    max_beams: int = Field(description="the most num_beams this server takes")
+    no_repeat_ngram_size: int = Field(description="default")
+    vocab_size: int
+
+
 class StageInfo(BaseModel):
     name: str
     layers: int
@@ -108,6 +171,8 @@ class TaskInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    task: Literal["classification", "multitask", "generation"] = Field(
+        default="classification", description="what it serves: predict (classification, multitask) or generate")
     version: int = Field(description="the version served by default (the latest)")
     versions: list[int]
     labels: list[str]
@@ -120,6 +185,8 @@ class ModelInfo(BaseModel):
     stages: list[StageInfo] | None = Field(default=None, description="cascades: the bundles run in order")
     tasks: list[TaskInfo] | None = Field(default=None, description="multi-task models: one encoder, these "
                                                                    "tasks (a request names its task)")
+    generation: GenerationInfo | None = Field(default=None, description="generation models: the decoder and "
+                                                                        "the defaults of a generate request")
 
 
 class PolicyTable(BaseModel):

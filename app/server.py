@@ -1,5 +1,6 @@
 """The FastAPI application: lifecycle, errors, limits, health and metrics; the protocols are
-routers (app/api_v1.py, app/api_v2.py) over one classification service (app/service.py).
+routers (app/api_v1.py, app/api_v2.py) over one classification service (app/service.py), and
+generate (app/api_generate.py) over the generation service (app/generation_service.py).
 
 Every error is JSON with a 4xx status naming the field; nothing reaches a client as a trace.
 """
@@ -114,7 +115,7 @@ async def _control_thresholds(registry, metrics, interval_s: float) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app import api_v1, api_v2, api_v2_repository, playground
+    from app import api_generate, api_v1, api_v2, api_v2_repository, playground
 
     settings = settings or Settings()
     set_worker_nice(settings.worker_nice)
@@ -126,8 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         # Neither the latency controller nor the agreement monitor is attached to a multi-task
         # bundle: each reads one calibration table (and the monitor one label space), and a
-        # multi-task bundle has one per task (docs/serving.md).
-        single = not model.is_multitask
+        # multi-task bundle has one per task (docs/serving.md); nor to a generation bundle, whose
+        # rows are texts of many tokens with no label to agree on.
+        single = not model.is_multitask and not model.is_generation
         if settings.target_p99_ms and single:
             from app.controller import ThresholdController, threshold_steps
 
@@ -233,6 +235,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api_v1.router)
+    app.include_router(api_generate.router)
     app.include_router(api_v2_repository.router)  # first: /v2/models/stats is no model named "stats"
     app.include_router(api_v2.router)
     app.include_router(playground.router)

@@ -62,6 +62,18 @@ TOKENIZE_THREADS = 2
 RETRIES_ON_RETIRED_VERSION = 3
 
 
+def require_kind(model: LoadedModel, generation: bool) -> None:
+    """A classifier asked to generate, or a generator asked to classify: a 422 on `model` naming
+    the operation the model does serve (the /v2 layer makes it its 400)."""
+    if model.is_generation == generation:
+        return
+    if generation:
+        raise RequestError(422, "model", f"model {model.name!r} is a classification model: it does not generate; "
+                           f"use POST /v1/models/{model.name}/predict (or /v2 infer)", "unsupported")
+    raise RequestError(422, "model", f"model {model.name!r} is a generation model: it does not classify; "
+                       f"use POST /v1/models/{model.name}/generate", "unsupported")
+
+
 def check_inputs(model: LoadedModel, inputs: Sequence[TextInput], settings: Settings,
                  min_layers: int | None, max_layers: int | None, task: int | None = None) -> int:
     """The cheap checks, before anything is queued or tokenised: counts, types, sizes, bounds
@@ -133,6 +145,7 @@ async def classify(
     """Admission first (cheap counts, then room in the queue, held while tokenising), so a
     request that will be refused costs next to nothing. `policy` None: the model's default."""
     start = time.monotonic()
+    require_kind(model, generation=False)  # (a version that replaced a classifier may generate)
     task_id = resolve_task(model, task)
     characters = check_inputs(model, inputs, settings, min_layers, max_layers, task_id)
     code, threshold, patience_count, policy = exit_policy(model, policy, threshold, patience, max_accuracy_drop,
@@ -184,8 +197,9 @@ def count_refusal(request, model_name: str, version: int | None, protocol: str, 
 MIN_ROW_BYTES = 4
 
 
-def admit(request, model_name: str, version: int | None, protocol: str) -> None:
-    """Before the body is read: unknown model, shutting down, or no room in the queue for the
+def admit(request, model_name: str, version: int | None, protocol: str, generation: bool = False) -> None:
+    """Before the body is read: unknown model, the wrong operation for it (generate / predict),
+    shutting down, or no room in the queue for the
     most rows this body can hold (counted like every other refusal). Under overload the queue
     frees a batch at a time, so most refusals happen here, without reading or parsing the body;
     room is then reserved for the request's real rows before it is tokenised."""
@@ -199,6 +213,7 @@ def admit(request, model_name: str, version: int | None, protocol: str) -> None:
         rows = max(1, min(rows, int(declared) // MIN_ROW_BYTES))
     try:
         model = find_model(registry, model_name, version)
+        require_kind(model, generation)
         try:
             model.batcher.check_room(rows)
         except QueueFull as exc:
@@ -213,15 +228,11 @@ def admit(request, model_name: str, version: int | None, protocol: str) -> None:
         raise
 
 
-async def classify_for_http(request, model_name: str, version: int | None, inputs: Sequence[TextInput],
-                            protocol: str, threshold: float | None = None, min_layers: int | None = None,
-                            max_layers: int | None = None, timeout_ms: float | None = None,
-                            policy: str | None = None, patience: int | None = None,
-                            max_accuracy_drop: float | None = None, task: str | None = None) -> Classification:
-    """classify() for an HTTP request: model lookup, queue and deadline errors as RequestError,
-    metrics and one structured log line per request. A request that picked a version while
-    it was being replaced goes to its successor rather than being refused."""
-
+async def run_for_http(request, model_name: str, version: int | None, protocol: str,
+                       timeout_ms: float | None, run: Callable[[LoadedModel, float | None], Awaitable]):
+    """run(model, timeout_ms) for an HTTP request (classify or generate): model lookup, queue and
+    deadline errors as RequestError, request metrics. A request that picked a version while it
+    was being replaced goes to its successor rather than being refused. Returns (model, result)."""
     from app.batcher import DeadlineExceeded, QueueFull, ShuttingDown
 
     app = request.app
@@ -232,8 +243,7 @@ async def classify_for_http(request, model_name: str, version: int | None, input
         timeout_ms = timeout_ms or settings.default_timeout_ms
         for attempt in range(RETRIES_ON_RETIRED_VERSION + 1):
             try:
-                work = classify(model, inputs, settings, threshold, min_layers, max_layers, timeout_ms,
-                                request.is_disconnected, policy, patience, max_accuracy_drop, task)
+                work = run(model, timeout_ms)
                 result = await (asyncio.wait_for(work, timeout_ms / 1000) if timeout_ms else work)
                 break
             except QueueFull as exc:
@@ -256,6 +266,22 @@ async def classify_for_http(request, model_name: str, version: int | None, input
     finally:
         metrics.count_request(model_name, registry, protocol, status)
     metrics.observe_request(model.name, model.version, result.total_s, ok=True)
+    return model, result
+
+
+async def classify_for_http(request, model_name: str, version: int | None, inputs: Sequence[TextInput],
+                            protocol: str, threshold: float | None = None, min_layers: int | None = None,
+                            max_layers: int | None = None, timeout_ms: float | None = None,
+                            policy: str | None = None, patience: int | None = None,
+                            max_accuracy_drop: float | None = None, task: str | None = None) -> Classification:
+    """classify() for an HTTP request (run_for_http), and one structured log line per request."""
+    settings = request.app.state.settings
+
+    def run(model: LoadedModel, timeout: float | None):
+        return classify(model, inputs, settings, threshold, min_layers, max_layers, timeout,
+                        request.is_disconnected, policy, patience, max_accuracy_drop, task)
+
+    model, result = await run_for_http(request, model_name, version, protocol, timeout_ms, run)
     if model.controller is not None:
         model.controller.observe(result.total_s)
     entry = {"event": "predict", "protocol": protocol, "model": model.name, "version": model.version,
@@ -270,7 +296,8 @@ async def classify_for_http(request, model_name: str, version: int | None, input
     return result
 
 
-def timing_headers(result: Classification) -> dict[str, str]:
+def timing_headers(result) -> dict[str, str]:
+    """Of a Classification or a Generation (app/generation_service.py)."""
     return {"x-queue-time-ms": f"{result.queue_s * 1e3:.3f}",
             "x-inference-time-ms": f"{result.inference_s * 1e3:.3f}",
             "x-total-time-ms": f"{result.total_s * 1e3:.3f}",

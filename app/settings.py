@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # limits
     max_inputs: int = Field(256, ge=1, description="texts per request (413 beyond)")
     max_text_chars: int = Field(20_000, ge=1, description="characters per text (413 beyond)")
+    max_beams: int = Field(8, ge=1, description="beams a generate request may ask for (num_beams; 422 beyond)")
     max_body_bytes: int = Field(2_000_000, ge=1, description="request body size (413 beyond)")
     body_timeout_s: float = Field(30.0, gt=0, description="time a request body may take to arrive (408 beyond)")
     header_timeout_s: float = Field(

@@ -68,3 +68,89 @@ def glue_subset(directory: Path, task: str, train_rows: int, dev_rows: int) -> t
         path.write_text("".join(lines[: rows + (0 if headerless else 1)]))
         out.append(path)
     return out[0], out[1]
+
+
+# ---- a tiny random generation bundle (C-MLM student shape, training/seq2seq_model.py) ------------
+GENERATION_TEXTS = [
+    "the council approved the new budget on tuesday", "rain is expected across the north tonight",
+    "a local team won the cup after extra time", "prices rose again in march", "council approves budget",
+    "heavy rain expected in north", "local team wins cup", "prices rise in march", "fine",
+    "the minister resigned after the vote", "shares fell sharply in early trading", "minister resigns",
+    "police arrested two men on friday", "the president will visit china next week", "shares fall",
+]
+
+
+def tiny_generation_tokenizer(vocab_size: int = 160) -> Tokenizer:
+    """[PAD] 0, [UNK] 1, [CLS] 2 (bos), [SEP] 3 (eos), [MASK] 4, then the trained pieces."""
+    return wordpiece_tokenizer(GENERATION_TEXTS, vocab_size=vocab_size)
+
+
+def tiny_generation_model(tokenizer: Tokenizer, seed: int = 0, eos_gain: float = 2.0, layer_gain: float = 5.0,
+                          **config):
+    """A random Seq2SeqStudent over `tokenizer`'s vocabulary, in eval mode, made to behave enough
+    like a trained one for decoding tests: its decoder layers' outputs are scaled up (a random
+    pre-LN decoder otherwise passes the token's embedding on and says one token whatever the
+    source), eos is made likely enough that some generations end before their limit, and every
+    exit classifier is standardised on sample states so that uncertainties spread over 0..1
+    around 0.4 (thresholds of 0.2-0.6 then really send tokens out at every layer)."""
+    import math
+
+    import torch
+
+    from training.seq2seq_model import Seq2SeqConfig, Seq2SeqStudent
+
+    vocab = tokenizer.get_vocab()
+    options = dict(vocab_size=tokenizer.get_vocab_size(), d_model=32, num_heads=4, ffn_size=64, encoder_layers=2,
+                   decoder_layers=3, max_source_length=24, max_target_length=24, dropout=0.0,
+                   pad_id=vocab["[PAD]"], unk_id=vocab["[UNK]"], bos_id=vocab["[CLS]"], eos_id=vocab["[SEP]"])
+    options.update(config)
+    torch.manual_seed(seed)
+    model = Seq2SeqStudent(Seq2SeqConfig(**options)).eval()
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            for linear in (layer.self_attention.out, layer.cross_attention.v, layer.cross_attention.out,
+                           layer.ffn[0], layer.ffn[3]):
+                linear.weight.mul_(layer_gain)
+        model.embedding.weight[options["eos_id"]].mul_(eos_gain)
+        generator = torch.Generator().manual_seed(seed)
+        rows, vocab_size = 16, options["vocab_size"]
+        source = torch.randint(5, vocab_size, (rows, 12), generator=generator)
+        target = torch.randint(5, vocab_size, (rows, 10), generator=generator)
+        target[:, 0] = options["bos_id"]
+        mask = torch.ones_like(source)
+        states = model.decoder_states(model.encode(source, mask), mask, target)
+        for i, (head, state) in enumerate(zip(model.exit_confidence, states)):
+            z = head(model.exit_norms[i](state)).flatten()
+            gain = 2.5 / z.std()
+            head.weight.mul_(gain)
+            # confidence = sigmoid(gain (z - mean) + logit(0.6)): median uncertainty 0.4
+            head.bias.copy_(head.bias * gain - z.mean() * gain + math.log(0.6 / 0.4))
+    return model
+
+
+def tiny_generation_bundle_dir(directory: Path, seed: int = 0, model=None, tokenizer: Tokenizer | None = None,
+                               recommended_threshold: float = 0.3, weights: str = "fp32") -> Path:
+    """A generation bundle of a tiny random student (or of `model` over `tokenizer`): its graphs,
+    tokenizer.json and a minimal manifest (task "generation", no calibration)."""
+    from app.manifest import GenerationSpec, Manifest, Provenance, describe_file, write_manifest
+    from training.export_generation import export_generation, round_weights_to_fp16
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or tiny_generation_tokenizer()
+    model = model if model is not None else tiny_generation_model(tokenizer, seed)
+    if weights == "fp16":
+        round_weights_to_fp16(model)
+    graphs = export_generation(model, directory, weights=weights)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    c = model.config
+    spec = GenerationSpec(**graphs, num_encoder_layers=c.encoder_layers, num_heads=c.num_heads, head_dim=c.head_dim,
+                          vocab_size=c.vocab_size, max_target_length=c.max_target_length, bos_id=c.bos_id,
+                          eos_id=c.eos_id, pad_id=c.pad_id, unk_id=c.unk_id, max_new_tokens=8)
+    files = [describe_file(directory, f) for f in sorted(spec.files() | {"tokenizer.json"})]
+    manifest = Manifest(name=directory.name, task="generation", max_seq_length=c.max_source_length,
+                        num_layers=c.decoder_layers, hidden_size=c.d_model, exit_head="calm-classifier",
+                        recommended_threshold=recommended_threshold, generation=spec, files=files,
+                        provenance=Provenance(teacher="none (tiny random model)", seed=seed))
+    write_manifest(directory, manifest)
+    return directory

@@ -222,6 +222,10 @@ class IncrementalDecoder:
 
     def __init__(self, model: Seq2SeqStudent, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.model, cfg = model, model.config
+        # The model may be on a GPU (training leaves it there) and its callers on the CPU (numpy
+        # steppers): work on the model's device, answer on the inputs'.
+        self.device, self.caller_device = model.embedding.weight.device, input_ids.device
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with torch.no_grad():
             memory = model.encode(input_ids, attention_mask)
             self.cross_key, self.cross_value = model.cross_keys_values(memory)
@@ -234,6 +238,7 @@ class IncrementalDecoder:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep cache rows `rows` (beam search picks which hypotheses go on)."""
+        rows = rows.to(self.device)
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.cross_key, self.cross_value = self.cross_key[:, rows], self.cross_value[:, rows]
@@ -242,13 +247,14 @@ class IncrementalDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [rows] at position self.length -> (log_probs [rows, vocab], exit_layer [rows], 1-based)."""
-        model, layers = self.model, len(self.model.decoder_layers)
+        model, layers, device = self.model, len(self.model.decoder_layers), self.device
+        tokens, threshold = tokens.to(device), threshold.to(device)
         rows = tokens.shape[0]
-        positions = torch.full((rows,), self.length, dtype=torch.long)
+        positions = torch.full((rows,), self.length, dtype=torch.long, device=device)
         x = model.embed(tokens, positions)[:, None, :]
-        exit_layer = torch.full((rows,), layers, dtype=torch.long)
-        exit_hidden = torch.zeros(rows, model.config.d_model)
-        going = torch.ones(rows, dtype=torch.bool)
+        exit_layer = torch.full((rows,), layers, dtype=torch.long, device=device)
+        exit_hidden = x.new_zeros(rows, model.config.d_model)
+        going = torch.ones(rows, dtype=torch.bool, device=device)
         for i, layer in enumerate(model.decoder_layers):
             out, key, value = layer(x, self.keys[i], self.values[i], self.cross_key[i], self.cross_value[i],
                                     None, self.cross_bias)
@@ -263,4 +269,5 @@ class IncrementalDecoder:
             exit_layer[leave] = i + 1
             going &= ~leave
         self.length += 1
-        return torch.log_softmax(model.project(exit_hidden), dim=-1), exit_layer
+        log_probs = torch.log_softmax(model.project(exit_hidden), dim=-1)
+        return log_probs.to(self.caller_device), exit_layer.to(self.caller_device)

@@ -53,6 +53,8 @@ PROTECTED = {
     ("POST", "/v2/models/{model}/infer"),
     ("POST", "/v2/models/{model}/versions/{version}/infer"),
     ("POST", "/v2/repository/models/{model}/load"),
+    ("POST", "/v1/models/{model}/generate"),
+    ("POST", "/v1/models/{model}/versions/{version}/generate"),
 }
 # Body keys that may make a request answer 504: its own deadline (/v1 timeout_ms; /v2
 # parameters.timeout_ms, or Triton's parameters.timeout in microseconds).
@@ -172,6 +174,11 @@ MODEL_DEPENDENT_REFUSALS = (
     (re.compile(r"threshold"), ("no calibrated max_prob threshold",)),
     (re.compile(r"max_accuracy_drop"), ("not both", "no calibration table", "is within")),
     (re.compile(r"task"), ("takes no task", "serves several tasks", "has no task")),  # multi-task models'
+    # generate on a classifier (the one served here), and a generation model's own bounds
+    (re.compile(r"model"), ("is a classification model", "is a generation model")),
+    (re.compile(r"max_new_tokens"), ("its decoder's positions",)),
+    (re.compile(r"num_beams"), ("the server's max_beams",)),
+    (re.compile(r"no_repeat_ngram_size"), ("the model's target length",)),
 )
 # /v2's infer schema cannot say either that a tensor's shape counts its data, that the inputs are
 # the model's (text_pair only for pair models, each once; outputs too), or the model's depth: the same kind

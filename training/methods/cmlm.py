@@ -116,6 +116,9 @@ def train_student(data: EncodedPairs, dev: EncodedPairs, specials: dict[str, int
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Denormal floats (attention weights of masked positions, tiny gradients) made CPU steps
+    # 4-5x slower a few epochs in (measured); flushing them to zero costs nothing in accuracy.
+    torch.set_flush_denormal(True)
     seed_everything(cfg.seed)
     model = new_student(cfg, vocab_size, specials).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "exit_" not in n]

@@ -98,6 +98,7 @@ def load_mlm(name_or_path: str | Path):
 def train_teacher(encoder: str | Path, data: EncodedPairs, specials: dict[str, int], cfg: TeacherConfig,
                   out_dir: Path, device: torch.device | None = None):
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_flush_denormal(True)  # as training/methods/cmlm.py: denormals slow CPU steps
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = load_mlm(encoder).to(device).train()

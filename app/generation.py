@@ -1,0 +1,300 @@
+"""Serving a generation bundle: sources in, generated texts out, with per-token early exit in the
+decoder (CALM, Schuster et al. 2022) on ONNX Runtime. numpy and onnxruntime only.
+
+Every decoding step embeds the new tokens and runs decoder layer 1, 2, ...; after layer i < L the
+rows whose exit is sure enough (exit_uncertainty < their threshold) leave, and only the rows still
+going run the next layer: the batch is compacted between layers, which is where the time goes
+down. A row that left gets the cache entries of the layers it skipped from the state it left with
+(decoder_kv_NN, CALM's state propagation), batched over those rows; the output projection runs
+once per row, on the exit it left at. The search (greedy, beams) is app/search.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders
+
+from app.manifest import GenerationSpec, Manifest
+from app.search import generate
+from app.threads import cpu_quota
+
+log = logging.getLogger(__name__)
+
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class SourceBatch:
+    input_ids: np.ndarray  # int64 [rows, S]: [CLS] pieces [SEP], right-padded
+    attention_mask: np.ndarray  # int64 [rows, S]
+    lengths: np.ndarray  # int64 [rows]: tokens of each row, [CLS] and [SEP] counted
+    truncated: np.ndarray  # bool [rows]: the text had more pieces than the encoder's positions
+    empty: np.ndarray | None = None  # bool [rows]: the text gave no piece at all (app/service.py refuses it)
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, rows: np.ndarray) -> SourceBatch:
+        """Rows `rows`, re-padded to the longest of them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        longest = int(self.lengths[rows].max(initial=1))
+        return SourceBatch(self.input_ids[rows, :longest], self.attention_mask[rows, :longest], self.lengths[rows],
+                           self.truncated[rows], None if self.empty is None else self.empty[rows])
+
+    @classmethod
+    def gather(cls, parts: Sequence[tuple[SourceBatch, int]]) -> SourceBatch:
+        """One batch of single rows of several batches, (batch, row) each, padded on the right."""
+        lengths = np.array([int(b.lengths[r]) for b, r in parts], dtype=np.int64)
+        ids = np.zeros((len(parts), int(lengths.max(initial=1))), dtype=np.int64)  # padding is masked: any id
+        mask = np.zeros_like(ids)
+        for i, ((batch, row), n) in enumerate(zip(parts, lengths)):
+            ids[i, :n], mask[i, :n] = batch.input_ids[row, :n], 1
+        truncated = np.array([bool(b.truncated[r]) for b, r in parts], dtype=bool)
+        empty = np.array([bool(b.empty[r]) if b.empty is not None else False for b, r in parts], dtype=bool)
+        return cls(ids, mask, lengths, truncated, empty)
+
+
+class GenerationEncoder:
+    """Texts -> [CLS] pieces [SEP] (what the student was trained on, training/methods/cmlm.py),
+    at most max_source_tokens in all; generated ids -> text."""
+
+    def __init__(self, tokenizer: Tokenizer, max_source_tokens: int):
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        if tokenizer.decoder is None and type(tokenizer.model).__name__ == "WordPiece":
+            # without one, decode would leave "##" pieces apart; BERT's tokenizer.json has this one
+            tokenizer.decoder = decoders.WordPiece()
+        self.tokenizer, self.max_source_tokens = tokenizer, max_source_tokens
+        ids = {name: tokenizer.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
+        missing = [name for name in ("[CLS]", "[SEP]") if ids[name] is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no {missing}")
+        self.bos_id, self.eos_id, self.pad_id = ids["[CLS]"], ids["[SEP]"], ids["[PAD]"] or 0
+
+    @classmethod
+    def from_file(cls, path: Path, max_source_tokens: int) -> GenerationEncoder:
+        return cls(Tokenizer.from_file(str(path)), max_source_tokens)
+
+    def encode(self, texts: Sequence[str]) -> SourceBatch:
+        encodings = self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False)
+        room = self.max_source_tokens - 2
+        pieces = [e.ids[:room] for e in encodings]
+        lengths = np.array([len(p) + 2 for p in pieces], dtype=np.int64)
+        ids = np.full((len(pieces), int(lengths.max(initial=2))), self.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, p in enumerate(pieces):
+            ids[i, :len(p) + 2] = [self.bos_id, *p, self.eos_id]
+            mask[i, :len(p) + 2] = 1
+        return SourceBatch(ids, mask, lengths, np.array([len(e.ids) > room for e in encodings], dtype=bool),
+                           np.array([not e.ids for e in encodings], dtype=bool))
+
+    def decode(self, token_ids: Sequence[int]) -> tuple[str, list[str]]:
+        """(text, wordpieces): the tokenizer's own decoder joins the pieces ("##" continuations
+        merged), as training-time ROUGE decodes them (training/generation_eval.py)."""
+        ids = [int(i) for i in token_ids]
+        return self.tokenizer.decode(ids), [self.tokenizer.id_to_token(i) for i in ids]
+
+    def special_ids(self) -> set[int]:
+        return {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+
+
+def _providers(provider: str) -> list[str]:
+    import onnxruntime as ort
+
+    if provider not in ORT_PROVIDERS:
+        raise ValueError(f"a generation bundle runs on ONNX Runtime: provider cpu or cuda, not {provider!r}")
+    if provider == "cuda":
+        if ORT_PROVIDERS["cuda"] in ort.get_available_providers():
+            return [ORT_PROVIDERS["cuda"], ORT_PROVIDERS["cpu"]]
+        log.warning("CUDA provider requested but not available in onnxruntime; using CPU")
+    return [ORT_PROVIDERS["cpu"]]
+
+
+class DecoderGraphs:
+    """The bundle's graphs as functions (GenerationSpec's inputs and outputs), numpy in and out."""
+
+    def __init__(self, bundle_dir: Path, spec: GenerationSpec, provider: str = "cpu", threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Many small sessions, one running at a time: idle ones must not spin (app/backends.py),
+        # and an arena would keep the peak of every shape seen.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = False
+        providers = _providers(provider)
+
+        def session(name: str):
+            return ort.InferenceSession(str(Path(bundle_dir) / name), sess_options=options, providers=providers)
+
+        self._encoder, self._cross_kv = session(spec.encoder), session(spec.cross_kv)
+        self._embed, self._projection = session(spec.embed), session(spec.projection)
+        self._layers = [session(name) for name in spec.layers]
+        self._kv_fill = [session(name) for name in spec.kv_fill]
+        self.active_provider = self._encoder.get_providers()[0]
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def cross_kv(self, memory: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key, value = self._cross_kv.run(None, {"memory": memory})
+        return key, value
+
+    def embed(self, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._embed.run(None, {"token_ids": token_ids, "positions": positions})[0]
+
+    def layer(self, index: int, hidden, past_key, past_value, cross_key, cross_value, attention_mask):
+        """-> hidden_out, present_key, present_value, exit_hidden, exit_uncertainty."""
+        return self._layers[index].run(None, {
+            "hidden": hidden, "past_key": past_key, "past_value": past_value, "cross_key": cross_key,
+            "cross_value": cross_value, "attention_mask": attention_mask})
+
+    def kv_fill(self, index: int, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key, value = self._kv_fill[index].run(None, {"hidden": hidden})
+        return key, value
+
+    def project(self, exit_hidden: np.ndarray) -> np.ndarray:
+        return self._projection.run(None, {"exit_hidden": exit_hidden})[0]
+
+
+class OnnxStepper:
+    """app/search.py's Stepper over the graphs, with per-token exits: the ONNX twin of
+    training/seq2seq_model.py IncrementalDecoder."""
+
+    def __init__(self, graphs: DecoderGraphs, cross_key: np.ndarray, cross_value: np.ndarray,
+                 attention_mask: np.ndarray):
+        layers, rows, heads, _, head_dim = cross_key.shape
+        self.graphs, self.layers = graphs, layers
+        self.cross_key = [np.ascontiguousarray(cross_key[i]) for i in range(layers)]
+        self.cross_value = [np.ascontiguousarray(cross_value[i]) for i in range(layers)]
+        self.attention_mask = attention_mask
+        empty = np.zeros((rows, heads, 0, head_dim), dtype=np.float32)
+        self.keys, self.values = [empty] * layers, [empty] * layers
+        self.length = 0
+        self.layers_run = 0  # rows x layers computed, all steps (what exits save)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        for cache in (self.keys, self.values, self.cross_key, self.cross_value):
+            cache[:] = [c[rows] for c in cache]
+        self.attention_mask = self.attention_mask[rows]
+
+    def step(self, tokens: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, t, g = len(tokens), self.length, self.graphs
+        hidden = g.embed(np.asarray(tokens, dtype=np.int64), np.full(n, t, dtype=np.int64))
+        exit_hidden = np.empty_like(hidden)
+        exit_layer = np.full(n, self.layers, dtype=np.int64)
+        going = np.arange(n)
+        left, left_states = np.zeros(0, dtype=np.int64), hidden[:0]  # rows that left, and what they left with
+        for i in range(self.layers):
+            if going.size:
+                whole = going.size == n  # nothing to gather
+                pick = (lambda a: a) if whole else (lambda a: a[going])
+                out, key, value, normed, uncertainty = g.layer(
+                    i, hidden, pick(self.keys[i]), pick(self.values[i]), pick(self.cross_key[i]),
+                    pick(self.cross_value[i]), pick(self.attention_mask))
+                self.layers_run += going.size
+            if left.size:
+                fill_key, fill_value = g.kv_fill(i, left_states)
+                self.keys[i] = self._merged(self.keys[i], going, key if going.size else None, left, fill_key)
+                self.values[i] = self._merged(self.values[i], going, value if going.size else None, left, fill_value)
+            else:
+                self.keys[i], self.values[i] = key, value
+            if not going.size:
+                continue
+            leave = (uncertainty < threshold[going]) if i < self.layers - 1 else np.ones(going.size, dtype=bool)
+            if leave.any():
+                exit_hidden[going[leave]] = normed[leave]
+                exit_layer[going[leave]] = i + 1
+                left = np.concatenate([left, going[leave]])
+                left_states = np.concatenate([left_states, out[leave]])
+            going, hidden = going[~leave], out[~leave]
+        self.length += 1
+        return g.project(exit_hidden), exit_layer
+
+    @staticmethod
+    def _merged(past, going, present, left, fill) -> np.ndarray:
+        """This layer's cache: the rows that ran it give their present entries, those that left
+        before it their past plus the entry filled from the state they left with."""
+        rows, heads, t, head_dim = past.shape
+        cache = np.empty((rows, heads, t + 1, head_dim), dtype=np.float32)
+        if present is not None:
+            cache[going] = present
+        cache[left, :, :t] = past[left]
+        cache[left, :, t:] = fill
+        return cache
+
+
+@dataclass
+class Generated:
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    exit_layers: list[int]  # per decoding step, the eos step's included
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return float(np.mean(self.exit_layers)) if self.exit_layers else 0.0
+
+
+class GenerationEngine:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, provider: str = "cpu",
+                 intra_op_threads: int | None = None):
+        if manifest.generation is None:
+            raise ValueError(f"{bundle_dir}: not a generation bundle")
+        bundle_dir = Path(bundle_dir)
+        self.manifest, self.spec, self.num_layers = manifest, manifest.generation, manifest.num_layers
+        self.graphs = DecoderGraphs(bundle_dir, self.spec, provider, intra_op_threads or cpu_quota())
+        self.active_provider = self.graphs.active_provider
+        self.encoder = GenerationEncoder.from_file(bundle_dir / manifest.tokenizer, manifest.max_seq_length)
+        # Never generated: every special token but eos ([PAD], [UNK], [CLS], [MASK]), as in
+        # training-time decoding.
+        spec = self.spec
+        self.banned_ids = sorted(({spec.pad_id, spec.unk_id, spec.bos_id} | self.encoder.special_ids())
+                                 - {spec.eos_id})
+
+    def generate(self, batch: SourceBatch, *, max_new_tokens: np.ndarray, num_beams: np.ndarray,
+                 threshold: np.ndarray, no_repeat_ngram_size: np.ndarray) -> list[Generated]:
+        """One Generated per row; every parameter per row. Rows of one (num_beams,
+        no_repeat_ngram_size) are searched together, after one encoder pass for the batch."""
+        rows = batch.rows
+        per_row = lambda a, dtype: np.broadcast_to(np.asarray(a, dtype=dtype), (rows,))  # noqa: E731
+        max_new_tokens, num_beams = per_row(max_new_tokens, np.int64), per_row(num_beams, np.int64)
+        threshold, ngram = per_row(threshold, np.float32), per_row(no_repeat_ngram_size, np.int64)
+        longest = self.spec.max_target_length - 1
+        if rows and (max_new_tokens.max() > longest or num_beams.min() < 1):
+            raise ValueError(f"max_new_tokens must be within 1..{longest} and num_beams at least 1")
+        if rows == 0:
+            return []
+        memory = self.graphs.encode(batch.input_ids, batch.attention_mask)
+        cross_key, cross_value = self.graphs.cross_kv(memory)
+        out: list[Generated | None] = [None] * rows
+        for beams, n in dict.fromkeys(zip(num_beams.tolist(), ngram.tolist())):
+            group = np.flatnonzero((num_beams == beams) & (ngram == n))
+            source = int(batch.lengths[group].max())
+            stepper = OnnxStepper(self.graphs, cross_key[:, group, :, :source], cross_value[:, group, :, :source],
+                                  batch.attention_mask[group, :source])
+            found = generate(stepper, group.size, bos_id=self.spec.bos_id, eos_id=self.spec.eos_id,
+                             max_new_tokens=max_new_tokens[group], threshold=threshold[group], num_beams=beams,
+                             no_repeat_ngram_size=n, length_penalty=self.spec.length_penalty,
+                             banned_ids=self.banned_ids)
+            for row, hypothesis in zip(group, found):
+                text, tokens = self.encoder.decode(hypothesis.token_ids)
+                out[row] = Generated(text, tokens, list(hypothesis.token_ids), list(hypothesis.exit_layers))
+        return out
+
+    def warm_up(self) -> None:
+        """One tiny generation through every graph: a row at full depth, one leaving at once
+        (the kv_fill graphs), two steps (a non-empty cache)."""
+        s = self.spec
+        ids = np.array([[s.bos_id, s.eos_id], [s.bos_id, s.eos_id]], dtype=np.int64)
+        batch = SourceBatch(ids, np.ones_like(ids), np.array([2, 2]), np.zeros(2, dtype=bool))
+        self.generate(batch, max_new_tokens=np.array([2, 2]), num_beams=np.array([1, 1]),
+                      threshold=np.array([0.0, 1.0], dtype=np.float32), no_repeat_ngram_size=np.array([0, 0]))

@@ -1,0 +1,126 @@
+"""training/export_generation.py: the graphs of a generation bundle, as GenerationSpec says, and
+their agreement with PyTorch token by token through the caches (fp32, and fp16-stored weights)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from app.generation import DecoderGraphs
+from app.manifest import read_manifest
+from tests.tiny import tiny_generation_bundle_dir, tiny_generation_model, tiny_generation_tokenizer
+from training.export_generation import export_generation, round_weights_to_fp16, verify_generation
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_generation_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_generation_model(tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, model, tokenizer):
+    return tiny_generation_bundle_dir(tmp_path_factory.mktemp("gen") / "bundle", model=model, tokenizer=tokenizer)
+
+
+def io(path):
+    graph = onnx.load(str(path)).graph
+    names = lambda values: {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+                            for v in values}
+    return names(graph.input), names(graph.output)
+
+
+def test_graphs_have_the_specs_names_and_dynamic_axes(bundle, model):
+    spec = read_manifest(bundle).generation
+    cfg = model.config
+    assert spec.layers == [f"decoder_layer_{i:02d}.onnx" for i in (1, 2, 3)]
+    assert spec.kv_fill == [f"decoder_kv_{i:02d}.onnx" for i in (1, 2, 3)]
+    inputs, outputs = io(bundle / spec.encoder)
+    assert inputs == {"input_ids": ["rows", "source"], "attention_mask": ["rows", "source"]}
+    assert outputs == {"memory": ["rows", "source", cfg.d_model]}
+    inputs, outputs = io(bundle / spec.cross_kv)
+    kv = [cfg.decoder_layers, "rows", cfg.num_heads, "source", cfg.head_dim]
+    assert outputs == {"cross_key": kv, "cross_value": kv}
+    inputs, outputs = io(bundle / spec.embed)
+    assert inputs == {"token_ids": ["rows"], "positions": ["rows"]} and outputs == {"hidden": ["rows", cfg.d_model]}
+    inputs, outputs = io(bundle / spec.layers[1])
+    cache = lambda axis: ["rows", cfg.num_heads, axis, cfg.head_dim]  # noqa: E731
+    assert inputs == {"hidden": ["rows", cfg.d_model], "past_key": cache("past"), "past_value": cache("past"),
+                      "cross_key": cache("source"), "cross_value": cache("source"),
+                      "attention_mask": ["rows", "source"]}
+    assert outputs == {"hidden_out": ["rows", cfg.d_model], "present_key": cache("present"),
+                       "present_value": cache("present"), "exit_hidden": ["rows", cfg.d_model],
+                       "exit_uncertainty": ["rows"]}
+    inputs, outputs = io(bundle / spec.kv_fill[2])
+    assert inputs == {"hidden": ["rows", cfg.d_model]} and outputs == {"key": cache(1), "value": cache(1)}
+    inputs, outputs = io(bundle / spec.projection)
+    assert inputs == {"exit_hidden": ["rows", cfg.d_model]} and outputs == {"log_probs": ["rows", cfg.vocab_size]}
+
+
+def test_onnx_matches_pytorch_token_by_token_with_the_cache(bundle, model):
+    spec = read_manifest(bundle).generation
+    verification = verify_generation(model, bundle, spec, rows=4, steps=8)
+    assert verification.passed and len(verification.max_abs_logit_diff) == 3
+    assert max(verification.max_abs_logit_diff) < 1e-4
+
+
+def test_a_layer_runs_from_an_empty_cache_and_one_row(bundle, model):
+    """Shapes the graphs were not traced at: past length 0, one row, a longer source."""
+    spec = read_manifest(bundle).generation
+    graphs = DecoderGraphs(bundle, spec)
+    cfg = model.config
+    ids = np.array([[2, 7, 9, 11, 12, 13, 14, 15, 16, 3]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    cross_key, cross_value = graphs.cross_kv(graphs.encode(ids, mask))
+    hidden = graphs.embed(np.array([cfg.bos_id]), np.array([0]))
+    empty = np.zeros((1, cfg.num_heads, 0, cfg.head_dim), dtype=np.float32)
+    out, key, value, normed, uncertainty = graphs.layer(0, hidden, empty, empty, cross_key[0], cross_value[0], mask)
+    with torch.no_grad():
+        memory = model.encode(torch.from_numpy(ids), torch.from_numpy(mask))
+        ck, cv = model.cross_keys_values(memory)
+        x = model.embed(torch.tensor([cfg.bos_id]), torch.tensor([0]))[:, None]
+        empty_t = torch.from_numpy(empty)
+        expected, k, v = model.decoder_layers[0](x, empty_t, empty_t, ck[0], cv[0], None, None)
+        _, expected_uncertainty = model.exit_state(0, expected[:, 0])
+    assert key.shape == (1, cfg.num_heads, 1, cfg.head_dim)
+    np.testing.assert_allclose(out, expected[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(key, k.numpy(), atol=1e-5)
+    np.testing.assert_allclose(uncertainty, expected_uncertainty.numpy(), atol=1e-6)
+
+
+def test_fp16_weights_halve_the_files_and_compute_what_the_rounded_model_does(tmp_path, bundle, model, tokenizer):
+    rounded = round_weights_to_fp16(copy.deepcopy(model))
+    weight = rounded.embedding.weight
+    assert torch.equal(weight, weight.half().float()) and not torch.equal(weight, model.embedding.weight)
+    half = tmp_path / "fp16"
+    spec = read_manifest(bundle).generation
+    # the tiny model's matrices are small: a lower bound than a real model's puts most in fp16
+    assert export_generation(rounded, half, weights="fp16", fp16_min_elements=512) == \
+        {k: getattr(spec, k) for k in ("encoder", "cross_kv", "embed", "layers", "kv_fill", "projection")}
+    fp32_bytes = sum((bundle / f).stat().st_size for f in spec.files())
+    fp16_bytes = sum((half / f).stat().st_size for f in spec.files())
+    assert fp16_bytes < 0.7 * fp32_bytes
+    graph = onnx.load(str(half / spec.layers[0])).graph
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    assert all(int(np.prod(i.dims)) <= 512 for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    verification = verify_generation(rounded, half, spec)
+    assert verification.passed, verification
+    # and the unrounded model is measurably not what they compute
+    assert not verify_generation(model, half, spec, tolerance=1e-5).passed
+
+
+def test_verification_fails_on_a_model_the_graphs_are_not(bundle, model):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.decoder_layers[2].ffn[3].bias.add_(0.01)
+    verification = verify_generation(other, bundle, read_manifest(bundle).generation)
+    assert not verification.passed
+    assert verification.max_abs_logit_diff[2] > 1e-3 and verification.max_abs_logit_diff[0] < 1e-4
