@@ -130,6 +130,8 @@ class DecoderGraphs:
         # and an arena would keep the peak of every shape seen.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_cpu_mem_arena = False
+        # Denormal floats (softmax weights of masked positions) slow CPU kernels several-fold.
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         providers = _providers(provider)
 
         def session(name: str):

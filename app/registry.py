@@ -136,7 +136,10 @@ class Registry:
     def default_name(self) -> str | None:
         if self.requested_default:
             return self.requested_default if self.requested_default in self.versions else None
-        return next(iter(sorted(self.versions)), None)
+        # /v1/predict classifies: a generation bundle is never the default unless asked for.
+        models = self.models
+        names = sorted(models, key=lambda n: (models[n].is_generation, n))
+        return next(iter(names), None)
 
     def get(self, name: str, version: int | None = None) -> LoadedModel | None:
         versions = self.versions.get(name) or {}

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="a bundle, or a folder of bundles (NAME/ or NAME/VERSION/)")
-    default_model: str | None = Field(None, description="model of /v1/predict; default: the first by name")
+    default_model: str | None = Field(None, description="model of /v1/predict; default: the first classifier by name")
     watch_interval_s: float = Field(0.0, ge=0, description="poll the model folder and reload changes every N s; 0: off")
     # engine
     provider: Literal["cpu", "cuda", "openvino"] = Field(
