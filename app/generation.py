@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import time
+
 import numpy as np
 from tokenizers import Tokenizer, decoders
 
@@ -182,6 +184,7 @@ class OnnxStepper:
         self.keys, self.values = [empty] * layers, [empty] * layers
         self.length = 0
         self.layers_run = 0  # rows x layers computed, all steps (what exits save)
+        self.layers_s = 0.0  # wall time in the decoder layers and cache fills, all steps
 
     def reorder(self, rows: np.ndarray) -> None:
         for cache in (self.keys, self.values, self.cross_key, self.cross_value):
@@ -194,6 +197,7 @@ class OnnxStepper:
         exit_hidden = np.empty_like(hidden)
         exit_layer = np.full(n, self.layers, dtype=np.int64)
         going = np.arange(n)
+        started = time.perf_counter()
         left, left_states = np.zeros(0, dtype=np.int64), hidden[:0]  # rows that left, and what they left with
         for i in range(self.layers):
             if going.size:
@@ -219,6 +223,7 @@ class OnnxStepper:
                 left_states = np.concatenate([left_states, out[leave]])
             going, hidden = going[~leave], out[~leave]
         self.length += 1
+        self.layers_s += time.perf_counter() - started
         return g.project(exit_hidden), exit_layer
 
     @staticmethod
@@ -275,6 +280,7 @@ class GenerationEngine:
             raise ValueError(f"max_new_tokens must be within 1..{longest} and num_beams at least 1")
         if rows == 0:
             return []
+        self.decoder_layers_s = 0.0  # of this call: what per-token exits cut (bench, calibration)
         memory = self.graphs.encode(batch.input_ids, batch.attention_mask)
         cross_key, cross_value = self.graphs.cross_kv(memory)
         out: list[Generated | None] = [None] * rows
@@ -287,6 +293,7 @@ class GenerationEngine:
                              max_new_tokens=max_new_tokens[group], threshold=threshold[group], num_beams=beams,
                              no_repeat_ngram_size=n, length_penalty=self.spec.length_penalty,
                              banned_ids=self.banned_ids)
+            self.decoder_layers_s += stepper.layers_s
             for row, hypothesis in zip(group, found):
                 text, tokens = self.encoder.decode(hypothesis.token_ids)
                 out[row] = Generated(text, tokens, list(hypothesis.token_ids), list(hypothesis.exit_layers))

@@ -191,7 +191,8 @@ class GenerationPoint(BaseModel):
     rougeL: float
     mean_exit_layer: float  # decoder layers per generated token
     ideal_speedup: float  # decoder layers at full depth / mean_exit_layer
-    measured_speedup: float | None = None  # decoder wall time, full depth / this threshold
+    measured_speedup: float | None = None  # whole generate call's wall time, full depth / this threshold
+    decoder_speedup: float | None = None  # the same of the time in decoder layers and cache fills
 
 
 class GenerationSpec(BaseModel):

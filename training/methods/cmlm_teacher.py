@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from training.loop import linear_schedule, seed_everything
 from training.progress import bar
