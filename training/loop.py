@@ -29,6 +29,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def decay_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices, none on biases and LayerNorm weights."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.loop import linear_schedule, seed_everything
+from training.loop import decay_groups, linear_schedule, seed_everything
 from training.losses import cmlm_loss, exit_confidence_loss, exit_matching
 from training.progress import bar
 from training.seq2seq_data import EncodedPairs, pad
@@ -120,11 +120,10 @@ def train_student(data: EncodedPairs, dev: EncodedPairs, specials: dict[str, int
     torch.set_flush_denormal(True)
     seed_everything(cfg.seed)
     model = new_student(cfg, vocab_size, specials).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "exit_" not in n]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 and not n.startswith("exit_")]
-    rest += list(model.exit_norms[-1].parameters())
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    # Stage 1 trains everything but the exits, and the last exit's LayerNorm (the final one).
+    trained = [p for n, p in model.named_parameters() if not n.startswith("exit_")]
+    trained += list(model.exit_norms[-1].parameters())
+    optimizer = torch.optim.AdamW(decay_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     n = len(data.sources)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch

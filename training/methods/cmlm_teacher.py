@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.loop import linear_schedule, seed_everything
+from training.loop import decay_groups, linear_schedule, seed_everything
 from training.progress import bar
 from training.seq2seq_data import EncodedPairs, pad
 
@@ -104,10 +104,7 @@ def train_teacher(encoder: str | Path, data: EncodedPairs, specials: dict[str, i
     n = len(data.sources)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = int(cfg.epochs * steps_per_epoch)
-    decay = [p for name, p in model.named_parameters() if p.ndim > 1]
-    rest = [p for name, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(decay_groups(model.parameters(), cfg.weight_decay), lr=cfg.lr)
     schedule = linear_schedule(optimizer, int(cfg.warmup * total), total)
     started, step, losses = time.monotonic(), 0, []
     progress = bar(total=total, desc="cmlm teacher", unit="step")
