@@ -213,5 +213,9 @@ def make_backend(bundle_dir: Path, manifest: Manifest, provider: str, threads: i
                              "per-task exit heads run on ONNX Runtime (provider cpu or cuda)")
         if io_binding:
             raise ValueError("I/O binding is an ONNX Runtime feature; provider openvino has none")
+        if manifest.quantization and manifest.quantization.method.startswith("fused"):
+            raise ValueError("provider openvino does not run fused int8 bundles (`offramp quantize --method "
+                             "fused`): their layers are ONNX Runtime operators (QAttention, "
+                             "MatMulIntegerToFloat); use provider cpu, or quantise with --method static")
         return OpenVinoBackend(bundle_dir, manifest, threads)
     return OrtBackend(bundle_dir, manifest, provider, threads, io_binding)

@@ -56,6 +56,18 @@ def tiny_int8_bundle(tmp_path_factory, tiny_bundle) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fused_bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """The tiny bundle through `offramp quantize --method fused` (BERT layers rebuilt on fused
+    int8 attention, calibrated on its training file)."""
+    from app.cli import main
+
+    out = tmp_path_factory.mktemp("fused") / "models" / "tiny-fused-int8"
+    main(["quantize", str(tiny_bundle["bundle"]), "--out", str(out), "--dev", str(tiny_bundle["dev"]),
+          "--max-loss", "100", "--calibration-rows", "64", "--method", "fused"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_bilstm(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
     """A BiLSTM distilled from the tiny teacher through `offramp train distill --method bilstm`."""
     from app.cli import main

@@ -20,7 +20,7 @@ def calibration_text(args: argparse.Namespace, manifest) -> list | None:
     recorded training file; evenly spaced through the file, so not just its first topic."""
     from training.data import read_examples
 
-    if args.method != "static":
+    if args.method not in ("static", "fused"):
         return None
     path = args.calibration
     if path is None:
@@ -118,9 +118,10 @@ def register_bundle_commands(subparsers) -> None:
     quantize.add_argument("--calibration-tolerance", type=float, default=0.5)
     quantize.add_argument("--max-loss", type=float, default=0.5,
                           help="refuse the int8 bundle if full-depth dev accuracy drops by more points")
-    quantize.add_argument("--method", choices=["static", "weight-only"], default="static",
+    quantize.add_argument("--method", choices=["static", "fused", "weight-only"], default="static",
                           help="static: int8 compute, activation scales calibrated offline (default); "
-                               "weight-only: 8-bit MatMul weights, fp32 compute")
+                               "fused: static int8 with BERT layers rebuilt on fused attention "
+                               "(QAttention); weight-only: 8-bit MatMul weights, fp32 compute")
     quantize.add_argument("--calibration", type=Path,
                           help="training text for static scales (default: the manifest's training file)")
     quantize.add_argument("--calibration-rows", type=int, default=300,

@@ -33,18 +33,21 @@ from app.encoding import TextEncoder
 from app.engine import Engine
 from app.manifest import DataFileRecord, QuantizationReport, describe_file, read_manifest, write_manifest
 from app.calibration import layer_probabilities, make_batches
-from training import progress
+from training import fused_int8, progress
 from training.errors import QuantizationRefused
 from training.staging import Staged
 
 log = logging.getLogger(__name__)
 
-METHODS = ("static", "weight-only")
+METHODS = ("static", "fused", "weight-only")
 BITS, BLOCK, ACCURACY_LEVEL = 8, 32, 4
 WEIGHT_ONLY = (f"weight-only: MatMul {BITS}-bit blocks of {BLOCK} (MatMulNBits, accuracy level "
                f"{ACCURACY_LEVEL}), Gather int8")
 STATIC = ("static int8: NNCF post-training quantisation per layer (transformer preset, SmoothQuant), "
           "int8 per-channel weights, uint8 activations calibrated on {rows} training rows, Gather int8")
+FUSED = ("fused static int8: BERT layers rebuilt as QAttention, MatMulIntegerToFloat and "
+         "SkipLayerNormalization, int8 per-column weights, uint8 activations (0.01-99.99 percentile "
+         "ranges) calibrated on {rows} training rows, Gather int8")
 ROW_TOLERANCE = 1e-5
 CALIBRATION_ROWS = 300
 
@@ -118,33 +121,60 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def quantize_static(source: Path, staging: Path, graphs: list[str], encoder: TextEncoder,
-                    calibration_inputs: Sequence) -> None:
-    """Embeddings: Gather int8. Layers: NNCF int8, each calibrated on what enters it."""
-    import nncf
-
-    embeddings, layers = graphs[0], graphs[1:]
+def _embedding_feeds(source: Path, staging: Path, embeddings: str, encoder: TextEncoder,
+                     calibration_inputs: Sequence) -> list[dict]:
+    """Embeddings: Gather int8; what they give each calibration row, one row at a time (padding
+    would widen the ranges)."""
     shutil.copyfile(source / embeddings, staging / embeddings)
     quantize_gather(staging / embeddings)
     session = _ort_session(staging / embeddings)
     wanted = {i.name for i in session.get_inputs()}
     feeds = []
-    # one row at a time: padding would widen the ranges
     for item in progress.bar(calibration_inputs, desc="calibration rows: embeddings", unit="row"):
         batch = encoder.encode([item])
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "token_type_ids": batch.token_type_ids}
         (hidden,) = session.run(None, {k: v for k, v in inputs.items() if k in wanted})
         feeds.append({"hidden": hidden, "attention_mask": batch.attention_mask})
+    return feeds
+
+
+def _next_feeds(layer_path: Path, feeds: list[dict]) -> list[dict]:
+    layer = _ort_session(layer_path)
+    return [{"hidden": layer.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]}
+            for feed in feeds]
+
+
+def quantize_static(source: Path, staging: Path, graphs: list[str], encoder: TextEncoder,
+                    calibration_inputs: Sequence) -> None:
+    """Embeddings: Gather int8. Layers: NNCF int8, each calibrated on what enters it."""
+    import nncf
+
+    embeddings, layers = graphs[0], graphs[1:]
+    feeds = _embedding_feeds(source, staging, embeddings, encoder, calibration_inputs)
     for graph in progress.bar(layers, desc="int8 calibration", unit="layer"):
         quantized = nncf.quantize(onnx.load(source / graph), nncf.Dataset(feeds),
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
         changed = activations_to_uint8(quantized)
         onnx.save(quantized, staging / graph)
         log.info("%s: int8, %d activation quantisers", graph, changed)
-        layer = _ort_session(staging / graph)
-        feeds = [{"hidden": layer.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]}
-                 for feed in feeds]
+        feeds = _next_feeds(staging / graph, feeds)
+
+
+def quantize_fused(source: Path, staging: Path, graphs: list[str], encoder: TextEncoder,
+                   calibration_inputs: Sequence) -> None:
+    """Embeddings: Gather int8. Layers: rebuilt fused and int8 (training/fused_int8.py), each
+    calibrated on what the quantised layers below give it."""
+    embeddings, layers = graphs[0], graphs[1:]
+    feeds = _embedding_feeds(source, staging, embeddings, encoder, calibration_inputs)
+    for graph in progress.bar(layers, desc="fused int8 calibration", unit="layer"):
+        try:
+            quantized = fused_int8.quantize_layer(onnx.load(source / graph), feeds)
+        except fused_int8.UnsupportedLayer as exc:
+            raise QuantizationRefused(f"--method fused rebuilds BERT layers only; {graph}: {exc}. "
+                                      f"Use --method static") from exc
+        onnx.save(quantized, staging / graph)
+        feeds = _next_feeds(staging / graph, feeds)
 
 
 # -- the bundle --------------------------------------------------------------------------------
@@ -173,7 +203,7 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
     than `max_loss_points` against the fp32 source, or if a row's answer depends on its batch."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    if method == "static" and not calibration_inputs:
+    if method in ("static", "fused") and not calibration_inputs:
         raise ValueError("static quantisation needs calibration text (training rows)")
     source, out_dir = Path(source), Path(out_dir)
     manifest = read_manifest(source)
@@ -189,6 +219,12 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
                                 f"{len(graphs)} graphs, {len(calibration_inputs):,} calibration rows"):
                 quantize_static(source, staging, graphs, encoder, calibration_inputs)
             description = STATIC.format(rows=len(calibration_inputs))
+        elif method == "fused":
+            calibration_inputs = list(calibration_inputs)
+            with progress.phase("fused static int8 quantisation",
+                                f"{len(graphs)} graphs, {len(calibration_inputs):,} calibration rows"):
+                quantize_fused(source, staging, graphs, encoder, calibration_inputs)
+            description = FUSED.format(rows=len(calibration_inputs))
         else:
             with progress.phase("weight-only quantisation", f"{len(graphs)} graphs"):
                 for graph in progress.bar(graphs, desc="weight-only quantisation", unit="graph"):

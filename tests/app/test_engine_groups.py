@@ -51,15 +51,21 @@ def _texts(tiny_bundle):
     return [e.text for e in read_examples(tiny_bundle["dev"]).examples][:40]
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
-def bundle(request, tiny_bundle, tiny_int8_bundle):
-    return tiny_bundle["bundle"] if request.param == "fp32" else tiny_int8_bundle
+@pytest.fixture(scope="module", params=["fp32", "int8", "fused"])
+def bundle(request, tiny_bundle, tiny_int8_bundle, tiny_fused_bundle):
+    return {"fp32": tiny_bundle["bundle"], "int8": tiny_int8_bundle, "fused": tiny_fused_bundle}[request.param]
+
+
+def _skip_openvino(bundle):
+    pytest.importorskip("openvino", reason="provider openvino needs: pip install 'offramp[openvino]'")
+    if "fused" in bundle.name:
+        pytest.skip("OpenVINO refuses fused int8 bundles (tests/training/test_fused_int8.py)")
 
 
 @pytest.mark.parametrize("provider", ["cpu", "openvino"])
 def test_rows_alone_match_rows_in_a_grouped_mixed_batch(bundle, provider, tiny_bundle):
     if provider == "openvino":
-        pytest.importorskip("openvino", reason="provider openvino needs: pip install 'offramp[openvino]'")
+        _skip_openvino(bundle)
     model = load_model(bundle)
     engine = Engine(bundle, model.manifest, provider=provider, intra_op_threads=2, group_call_cost_tokens=0)
     texts = _texts(tiny_bundle)
@@ -95,7 +101,7 @@ def test_rows_alone_match_rows_in_a_grouped_mixed_batch(bundle, provider, tiny_b
 
 
 def test_openvino_answers_like_onnx_runtime(bundle, tiny_bundle):
-    pytest.importorskip("openvino", reason="provider openvino needs: pip install 'offramp[openvino]'")
+    _skip_openvino(bundle)
     model = load_model(bundle)
     batch = model.encoder.encode(_texts(tiny_bundle))
     ov = Engine(bundle, model.manifest, provider="openvino", intra_op_threads=2)

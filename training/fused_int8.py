@@ -1,0 +1,291 @@
+"""int8 BERT layers rebuilt around ONNX Runtime's fused kernels (`offramp quantize --method fused`).
+
+The exported layer graph (torch's BertLayer: six projections, two LayerNorms, erf GELU, about 60
+nodes of attention arithmetic with the additive mask, the heads' Reshape/Transpose pairs) is read
+back into its weights and written again as a handful of fused operators:
+
+    QuantizeLinear -> QAttention (int8 Q/K/V projection, attention on the row's own length)
+    -> QuantizeLinear -> MatMulIntegerToFloat (output projection, + bias) -> SkipLayerNormalization
+    -> QuantizeLinear -> MatMulIntegerToFloat -> Gelu -> QuantizeLinear -> MatMulIntegerToFloat
+    -> SkipLayerNormalization -> hidden_out
+
+and the layer's exit head copied unchanged from the source graph. No Reshape or Transpose is left
+in the layer, and the attention mask becomes one length per row (ReduceSum, Cast) instead of an
+additive [rows, 1, 1, tokens] bias built in every graph.
+
+Every scale is fixed offline, so a row's answer never depends on its batch-mates: weights int8
+per output column (symmetric), activations uint8 per tensor (ONNX Runtime's u8 x s8 VNNI path),
+their ranges the 0.01 / 99.99 percentiles of what enters each quantiser on calibration rows
+produced by the already-quantised layers below. Before anything is quantised the same fused
+structure is built in fp32 and checked against the source graph: a layer that is not this
+architecture (or a head count that does not fit) is refused, never approximated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx import helper as H
+from onnx import numpy_helper
+
+CLIP_PERCENTILE = 99.99
+MATCH_TOLERANCE = 1e-4
+PROBES = ("fz_x", "fz_ctx", "fz_h1", "fz_g")  # what enters each activation quantiser
+
+
+class UnsupportedLayer(ValueError):
+    """The layer graph is not the BERT layer this module rebuilds."""
+
+
+@dataclass
+class BertLayer:
+    hidden: int
+    qkv: np.ndarray  # [hidden, 3 * hidden]: query | key | value, input-major
+    qkv_bias: np.ndarray
+    out: np.ndarray
+    out_bias: np.ndarray
+    ln1: tuple[np.ndarray, np.ndarray, float]  # gamma, beta, epsilon
+    ffn_in: np.ndarray
+    ffn_in_bias: np.ndarray
+    ffn_out: np.ndarray
+    ffn_out_bias: np.ndarray
+    ln2: tuple[np.ndarray, np.ndarray, float]
+    head_dims: list[int]  # candidate attention head widths seen in the graph's reshapes
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _ancestors(graph: onnx.GraphProto, outputs: Sequence[str], stop: set[str]) -> list[onnx.NodeProto]:
+    """The nodes `outputs` need, in graph order; the tensors in `stop` count as inputs."""
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, todo = set(), [o for o in outputs if o not in stop]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        todo.extend(i for i in node.input if i and i not in stop)
+    return [n for n in graph.node if id(n) in needed]
+
+
+def read_bert_layer(model: onnx.ModelProto) -> BertLayer:
+    graph = model.graph
+    values = _constants(graph)
+    backbone = _ancestors(graph, ["hidden_out"], {"hidden", "attention_mask"})
+    ops = [n.op_type for n in backbone]
+    projections = [n for n in backbone if n.op_type == "MatMul" and n.input[1] in values]
+    norms = [n for n in backbone if n.op_type == "LayerNormalization"]
+    if len(projections) != 6 or len(norms) != 2 or "Erf" not in ops or "Softmax" not in ops:
+        raise UnsupportedLayer(f"not a BERT layer ({len(projections)} weight MatMuls, {len(norms)} "
+                               f"LayerNormalizations, erf GELU {'Erf' in ops})")
+    consumers = {}
+    for node in backbone:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def bias(matmul: onnx.NodeProto) -> np.ndarray:
+        for node in consumers.get(matmul.output[0], []):
+            if node.op_type == "Add":
+                constant = [values[i] for i in node.input if i in values]
+                if constant and constant[0].ndim == 1:
+                    return constant[0].astype(np.float32)
+        raise UnsupportedLayer(f"projection {matmul.name} has no bias")
+
+    def norm(node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, float]:
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        return values[node.input[1]].astype(np.float32), values[node.input[2]].astype(np.float32), epsilon
+
+    w = [values[n.input[1]].astype(np.float32) for n in projections]
+    hidden = w[0].shape[0]
+    shapes = [x.shape for x in w]
+    if shapes[:4] != [(hidden, hidden)] * 4 or shapes[4][0] != hidden or shapes[5] != shapes[4][::-1]:
+        raise UnsupportedLayer(f"projection shapes {shapes} are not BERT's")
+    # The heads' width is the last entry of the Reshape targets ([rows, tokens, -1, width]).
+    shape_parts = [values[i] for n in backbone if n.op_type == "Concat" for i in n.input if i in values]
+    head_dims = list(dict.fromkeys(int(v.ravel()[0]) for v in shape_parts if v.size == 1 and 0 < v.ravel()[0] < hidden
+                 and hidden % int(v.ravel()[0]) == 0)) or [64, 32]
+    return BertLayer(hidden, np.concatenate(w[:3], axis=1), np.concatenate([bias(n) for n in projections[:3]]),
+                     w[3], bias(projections[3]), norm(norms[0]), w[4], bias(projections[4]), w[5],
+                     bias(projections[5]), norm(norms[1]), head_dims)
+
+
+def head_subgraph(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The exit head as exported: every node `logits` needs beyond `hidden_out`, and their
+    initializers."""
+    nodes = _ancestors(model.graph, ["logits"], {"hidden_out", "hidden", "attention_mask"})
+    used = {i for n in nodes for i in n.input}
+    return nodes, [t for t in model.graph.initializer if t.name in used]
+
+
+# -- building -----------------------------------------------------------------------------------
+
+@dataclass
+class ActivationScale:
+    scale: np.float32
+    zero_point: np.uint8
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> ActivationScale:
+        low = min(float(np.percentile(values, 100 - CLIP_PERCENTILE)), 0.0)
+        high = max(float(np.percentile(values, CLIP_PERCENTILE)), 0.0)
+        scale = max(high - low, 1e-8) / 255.0
+        return cls(np.float32(scale), np.uint8(np.clip(round(-low / scale), 0, 255)))
+
+
+def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: (int8 weight, fp32 scale per column)."""
+    scale = np.abs(weight).max(axis=0) / 127.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attributes) -> str:
+        domain = "" if op in ("QuantizeLinear", "ReduceSum", "Cast", "MatMul", "Add") else "com.microsoft"
+        self.nodes.append(H.make_node(op, inputs, [output], name=output, domain=domain, **attributes))
+        return output
+
+    def quantizer(self, tensor: str, scales: dict | None, key: str) -> tuple[str, ActivationScale] | None:
+        if scales is None:
+            return None
+        s = scales[key]
+        q = self.node("QuantizeLinear", [tensor, self.const(f"{key}_scale", s.scale),
+                                         self.const(f"{key}_zero", s.zero_point)], f"{key}_u8")
+        return q, s
+
+    def linear(self, tensor: str, weight: np.ndarray, bias: np.ndarray, output: str,
+               scales: dict | None, key: str) -> str:
+        quantized = self.quantizer(tensor, scales, key)
+        if quantized is None:
+            product = self.node("MatMul", [tensor, self.const(f"{output}_w", weight)], f"{output}_mm")
+            return self.node("Add", [product, self.const(f"{output}_b", bias)], output)
+        q, s = quantized
+        w8, w_scale = quantize_columns(weight)
+        return self.node("MatMulIntegerToFloat", [
+            q, self.const(f"{output}_w", w8), self.const(f"{output}_as", s.scale),
+            self.const(f"{output}_ws", w_scale), self.const(f"{output}_az", s.zero_point),
+            self.const(f"{output}_wz", np.zeros(w8.shape[1], np.int8)), self.const(f"{output}_b", bias)], output)
+
+
+def build_layer(layer: BertLayer, num_heads: int, head: tuple[list, list],
+                scales: dict | None = None, probes: bool = False) -> onnx.ModelProto:
+    """The fused layer: fp32 (`scales` None) or int8 with the given activation scales; with
+    `probes` the tensors entering each quantiser are extra outputs (for calibration)."""
+    g = _Graph()
+    lengths = g.node("ReduceSum", ["attention_mask", g.const("fz_axis", np.array([1], np.int64))],
+                     "fz_lengths64", keepdims=0)
+    lengths = g.node("Cast", [lengths], "fz_lengths", to=TensorProto.INT32)
+    x = "hidden"
+    if probes:  # a graph input cannot be listed as an output under another name
+        x = "fz_x"
+        g.nodes.append(H.make_node("Identity", ["hidden"], [x], name=x))
+    quantized = g.quantizer(x, scales, "fz_x")
+    if quantized is None:
+        ctx = g.node("Attention", [x, g.const("fz_qkv_w", layer.qkv), g.const("fz_qkv_b", layer.qkv_bias),
+                                   lengths], "fz_ctx", num_heads=num_heads)
+    else:
+        q, s = quantized
+        w8, w_scale = quantize_columns(layer.qkv)
+        ctx = g.node("QAttention", [
+            q, g.const("fz_qkv_w", w8), g.const("fz_qkv_b", layer.qkv_bias), g.const("fz_qkv_as", s.scale),
+            g.const("fz_qkv_ws", w_scale), lengths, g.const("fz_qkv_az", s.zero_point),
+            g.const("fz_qkv_wz", np.zeros(w8.shape[1], np.int8))], "fz_ctx", num_heads=num_heads)
+    attended = g.linear(ctx, layer.out, layer.out_bias, "fz_attn", scales, "fz_ctx")
+    gamma, beta, eps = layer.ln1
+    h1 = g.node("SkipLayerNormalization", [attended, "hidden", g.const("fz_ln1_g", gamma),
+                                           g.const("fz_ln1_b", beta)], "fz_h1", epsilon=eps)
+    inner = g.linear(h1, layer.ffn_in, layer.ffn_in_bias, "fz_ffn_in", scales, "fz_h1")
+    activated = g.node("Gelu", [inner], "fz_g")
+    outer = g.linear(activated, layer.ffn_out, layer.ffn_out_bias, "fz_ffn_out", scales, "fz_g")
+    gamma, beta, eps = layer.ln2
+    g.node("SkipLayerNormalization", [outer, h1, g.const("fz_ln2_g", gamma), g.const("fz_ln2_b", beta)],
+           "hidden_out", epsilon=eps)
+    head_nodes, head_initializers = head
+    g.nodes.extend(head_nodes)
+    g.initializers.extend(head_initializers)
+    width = layer.hidden
+    outputs = [H.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["rows", "tokens", width]),
+               H.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", None])]
+    if probes:
+        outputs += [H.make_tensor_value_info(p, TensorProto.FLOAT, None) for p in PROBES]
+    graph = H.make_graph(g.nodes, "fused_layer", [
+        H.make_tensor_value_info("hidden", TensorProto.FLOAT, ["rows", "tokens", width]),
+        H.make_tensor_value_info("attention_mask", TensorProto.INT64, ["rows", "tokens"])], outputs,
+        g.initializers)
+    model = H.make_model(graph, opset_imports=[H.make_opsetid("", 17), H.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def check_inputs(width: int, real: Sequence[dict]) -> list[dict]:
+    """Random padded batches (rows of different lengths) and a few real ones."""
+    rng = np.random.default_rng(0)
+    mask = np.ones((3, 11), np.int64)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    random = {"hidden": rng.normal(size=(3, 11, width)).astype(np.float32), "attention_mask": mask}
+    return [random, *real[:4]]
+
+
+def fused_fp32(source: onnx.ModelProto, feeds: Sequence[dict]) -> tuple[BertLayer, int, tuple]:
+    """(weights, head count, exit head) of a source layer whose fused fp32 rebuild reproduces it
+    on `feeds` within MATCH_TOLERANCE; UnsupportedLayer otherwise."""
+    return fit_heads(source, read_bert_layer(source), feeds)
+
+
+def fit_heads(source: onnx.ModelProto, layer: BertLayer, feeds: Sequence[dict]) -> tuple[BertLayer, int, tuple]:
+    """The first head count among the layer's candidates whose rebuild reproduces `source`."""
+    head = head_subgraph(source)
+    reference = session(source)
+    expected = [reference.run(["hidden_out", "logits"], f) for f in feeds]
+    worst = {}
+    for dim in layer.head_dims:
+        heads = layer.hidden // dim
+        got = [session(build_layer(layer, heads, head)).run(["hidden_out", "logits"], f) for f in feeds]
+        diff = max(float(np.abs((a - b)[f["attention_mask"].astype(bool)] if a.ndim == 3 else a - b).max())
+                   for e, o, f in zip(expected, got, feeds) for a, b in zip(e, o))
+        if diff <= MATCH_TOLERANCE:
+            return layer, heads, head
+        worst[heads] = diff
+    raise UnsupportedLayer("the fused rebuild does not reproduce the layer (max |diff| by head count: "
+                           + ", ".join(f"{k}: {v:.1e}" for k, v in worst.items()) + ")")
+
+
+def quantize_layer(source: onnx.ModelProto, calibration: Sequence[dict]) -> onnx.ModelProto:
+    """The int8 fused layer, its activation ranges fitted on `calibration` (one unpadded row a
+    feed: padding would widen the ranges)."""
+    layer, heads, head = fused_fp32(source, check_inputs(int(calibration[0]["hidden"].shape[-1]), calibration))
+    probe = session(build_layer(layer, heads, head, probes=True))
+    seen = {p: [] for p in PROBES}
+    for feed in calibration:
+        for name, value in zip(PROBES, probe.run(list(PROBES), feed)):
+            seen[name].append(value.reshape(-1))
+    scales = {name: ActivationScale.fit(np.concatenate(values)) for name, values in seen.items()}
+    return build_layer(layer, heads, head, scales)
