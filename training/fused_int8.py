@@ -35,6 +35,9 @@ from onnx import numpy_helper
 CLIP_PERCENTILE = 99.99
 MATCH_TOLERANCE = 1e-4
 PROBES = ("fz_x", "fz_ctx", "fz_h1", "fz_g")  # what enters each activation quantiser
+HEAD_PROBES = ("hidden_out", "fz_hn")  # ... and those of a rebuilt FastBERT exit
+CONTRIB = {"Attention", "QAttention", "MatMulIntegerToFloat", "SkipLayerNormalization", "Gelu",
+           "MultiHeadAttention"}
 
 
 class UnsupportedLayer(ValueError):
@@ -94,12 +97,7 @@ def read_bert_layer(model: onnx.ModelProto) -> BertLayer:
             consumers.setdefault(name, []).append(node)
 
     def bias(matmul: onnx.NodeProto) -> np.ndarray:
-        for node in consumers.get(matmul.output[0], []):
-            if node.op_type == "Add":
-                constant = [values[i] for i in node.input if i in values]
-                if constant and constant[0].ndim == 1:
-                    return constant[0].astype(np.float32)
-        raise UnsupportedLayer(f"projection {matmul.name} has no bias")
+        return _bias(matmul, consumers, values)
 
     def norm(node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, float]:
         epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
@@ -110,21 +108,78 @@ def read_bert_layer(model: onnx.ModelProto) -> BertLayer:
     shapes = [x.shape for x in w]
     if shapes[:4] != [(hidden, hidden)] * 4 or shapes[4][0] != hidden or shapes[5] != shapes[4][::-1]:
         raise UnsupportedLayer(f"projection shapes {shapes} are not BERT's")
-    # The heads' width is the last entry of the Reshape targets ([rows, tokens, -1, width]).
-    shape_parts = [values[i] for n in backbone if n.op_type == "Concat" for i in n.input if i in values]
-    head_dims = list(dict.fromkeys(int(v.ravel()[0]) for v in shape_parts if v.size == 1 and 0 < v.ravel()[0] < hidden
-                 and hidden % int(v.ravel()[0]) == 0)) or [64, 32]
+    head_dims = _head_dims(backbone, values, hidden)
     return BertLayer(hidden, np.concatenate(w[:3], axis=1), np.concatenate([bias(n) for n in projections[:3]]),
                      w[3], bias(projections[3]), norm(norms[0]), w[4], bias(projections[4]), w[5],
                      bias(projections[5]), norm(norms[1]), head_dims)
 
 
-def head_subgraph(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The exit head as exported: every node `logits` needs beyond `hidden_out`, and their
-    initializers."""
+@dataclass
+class SplicedHead:
+    """An exit head copied as exported: every node `logits` needs beyond `hidden_out`."""
+    nodes: list
+    initializers: list
+
+
+@dataclass
+class FastBertHead:
+    """FastBERT's exit (training/model.py FastBertHead), rebuilt on int8 projections and one
+    MultiHeadAttention whose only query is [CLS]."""
+    narrow: np.ndarray  # [hidden, width], input-major like every weight here
+    narrow_bias: np.ndarray
+    query: np.ndarray
+    query_bias: np.ndarray
+    kv: np.ndarray  # [width, 2 * width]: key | value
+    kv_bias: np.ndarray
+    dense: tuple[np.ndarray, np.ndarray]  # Gemm B (output-major, transB) and bias, as exported
+    out: tuple[np.ndarray, np.ndarray]
+    head_dims: list[int]
+
+
+def head_subgraph(model: onnx.ModelProto) -> SplicedHead:
     nodes = _ancestors(model.graph, ["logits"], {"hidden_out", "hidden", "attention_mask"})
     used = {i for n in nodes for i in n.input}
-    return nodes, [t for t in model.graph.initializer if t.name in used]
+    return SplicedHead(nodes, [t for t in model.graph.initializer if t.name in used])
+
+
+def read_fastbert_head(model: onnx.ModelProto) -> FastBertHead:
+    spliced = head_subgraph(model)
+    values = _constants(model.graph)
+    ops = [n.op_type for n in spliced.nodes]
+    projections = [n for n in spliced.nodes if n.op_type == "MatMul" and n.input[1] in values]
+    gemms = [n for n in spliced.nodes if n.op_type == "Gemm"]
+    if (len(projections) != 4 or len(gemms) != 2 or ops.count("Tanh") != 2 or ops.count("Softmax") != 1
+            or any(not any(a.name == "transB" and a.i == 1 for a in n.attribute) for n in gemms)):
+        raise UnsupportedLayer("not a FastBERT exit head")
+    consumers = {}
+    for node in spliced.nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    w = [values[n.input[1]].astype(np.float32) for n in projections]
+    b = [_bias(n, consumers, values) for n in projections]
+    width = w[0].shape[1]
+    if [x.shape for x in w[1:]] != [(width, width)] * 3:
+        raise UnsupportedLayer("not a FastBERT exit head")
+    dense, out = ((values[n.input[1]].astype(np.float32), values[n.input[2]].astype(np.float32)) for n in gemms)
+    return FastBertHead(w[0], b[0], w[1], b[1], np.concatenate(w[2:], axis=1), np.concatenate(b[2:]),
+                        dense, out, _head_dims(spliced.nodes, values, width))
+
+
+def _bias(matmul: onnx.NodeProto, consumers: dict, values: dict) -> np.ndarray:
+    for node in consumers.get(matmul.output[0], []):
+        if node.op_type == "Add":
+            constant = [values[i] for i in node.input if i in values]
+            if constant and constant[0].ndim == 1:
+                return constant[0].astype(np.float32)
+    raise UnsupportedLayer(f"projection {matmul.name} has no bias")
+
+
+def _head_dims(nodes, values: dict, width: int) -> list[int]:
+    """Candidate attention head widths: the last entries of the Reshape targets
+    ([rows, tokens, heads, width] or [rows, tokens, -1, width])."""
+    parts = [values[i] for n in nodes if n.op_type == "Concat" for i in n.input if i in values]
+    return list(dict.fromkeys(int(v.ravel()[0]) for v in parts if v.size == 1 and 1 < v.ravel()[0] < width
+                              and width % int(v.ravel()[0]) == 0)) or [64, 32]
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -159,7 +214,7 @@ class _Graph:
         return name
 
     def node(self, op: str, inputs: list[str], output: str, **attributes) -> str:
-        domain = "" if op in ("QuantizeLinear", "ReduceSum", "Cast", "MatMul", "Add") else "com.microsoft"
+        domain = "com.microsoft" if op in CONTRIB else ""
         self.nodes.append(H.make_node(op, inputs, [output], name=output, domain=domain, **attributes))
         return output
 
@@ -185,7 +240,29 @@ class _Graph:
             self.const(f"{output}_wz", np.zeros(w8.shape[1], np.int8)), self.const(f"{output}_b", bias)], output)
 
 
-def build_layer(layer: BertLayer, num_heads: int, head: tuple[list, list],
+def probe_names(head) -> tuple[str, ...]:
+    return PROBES + (HEAD_PROBES if isinstance(head, FastBertHead) else ())
+
+
+def _fastbert_head(g: _Graph, head: FastBertHead, num_heads: int, scales: dict | None, lengths: str) -> None:
+    narrowed = g.linear("hidden_out", head.narrow, head.narrow_bias, "fz_hn_in", scales, "hidden_out")
+    states = g.node("Tanh", [narrowed], "fz_hn")
+    kv = g.linear(states, head.kv, head.kv_bias, "fz_kv", scales, "fz_hn")
+    width = head.query.shape[0]
+    g.nodes.append(H.make_node("Split", [kv, g.const("fz_kv_split", np.array([width, width], np.int64))],
+                               ["fz_k", "fz_v"], name="fz_kv_split", axis=2))
+    one = g.const("fz_one", np.array([1], np.int64))
+    cls = g.node("Slice", [states, g.const("fz_zero", np.array([0], np.int64)), one, one], "fz_cls")
+    query = g.linear(cls, head.query, head.query_bias, "fz_q", None, "")  # one token a row: fp32
+    pooled = g.node("MultiHeadAttention", [query, "fz_k", "fz_v", "", lengths], "fz_pooled", num_heads=num_heads)
+    pooled = g.node("Squeeze", [pooled, one], "fz_pooled_rows")
+    dense = g.node("Gemm", [pooled, g.const("fz_dense_w", head.dense[0]), g.const("fz_dense_b", head.dense[1])],
+                   "fz_dense", transB=1)
+    dense = g.node("Tanh", [dense], "fz_dense_tanh")
+    g.node("Gemm", [dense, g.const("fz_out_w", head.out[0]), g.const("fz_out_b", head.out[1])], "logits", transB=1)
+
+
+def build_layer(layer: BertLayer, num_heads: int, head: SplicedHead | FastBertHead, exit_heads: int = 0,
                 scales: dict | None = None, probes: bool = False) -> onnx.ModelProto:
     """The fused layer: fp32 (`scales` None) or int8 with the given activation scales; with
     `probes` the tensors entering each quantiser are extra outputs (for calibration)."""
@@ -218,14 +295,17 @@ def build_layer(layer: BertLayer, num_heads: int, head: tuple[list, list],
     gamma, beta, eps = layer.ln2
     g.node("SkipLayerNormalization", [outer, h1, g.const("fz_ln2_g", gamma), g.const("fz_ln2_b", beta)],
            "hidden_out", epsilon=eps)
-    head_nodes, head_initializers = head
-    g.nodes.extend(head_nodes)
-    g.initializers.extend(head_initializers)
+    if isinstance(head, FastBertHead):
+        _fastbert_head(g, head, exit_heads, scales, lengths)
+    else:
+        g.nodes.extend(head.nodes)
+        g.initializers.extend(head.initializers)
     width = layer.hidden
     outputs = [H.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["rows", "tokens", width]),
                H.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", None])]
     if probes:
-        outputs += [H.make_tensor_value_info(p, TensorProto.FLOAT, None) for p in PROBES]
+        outputs += [H.make_tensor_value_info(p, TensorProto.FLOAT, None) for p in probe_names(head)
+                    if p != "hidden_out"]
     graph = H.make_graph(g.nodes, "fused_layer", [
         H.make_tensor_value_info("hidden", TensorProto.FLOAT, ["rows", "tokens", width]),
         H.make_tensor_value_info("attention_mask", TensorProto.INT64, ["rows", "tokens"])], outputs,
@@ -254,38 +334,47 @@ def check_inputs(width: int, real: Sequence[dict]) -> list[dict]:
     return [random, *real[:4]]
 
 
-def fused_fp32(source: onnx.ModelProto, feeds: Sequence[dict]) -> tuple[BertLayer, int, tuple]:
-    """(weights, head count, exit head) of a source layer whose fused fp32 rebuild reproduces it
-    on `feeds` within MATCH_TOLERANCE; UnsupportedLayer otherwise."""
-    return fit_heads(source, read_bert_layer(source), feeds)
+def fused_fp32(source: onnx.ModelProto, feeds: Sequence[dict]) -> tuple:
+    """(weights, head count, exit head, its head count) of a source layer whose fused fp32
+    rebuild reproduces it on `feeds` within MATCH_TOLERANCE; UnsupportedLayer otherwise. A FastBERT
+    exit is rebuilt too; any other exit head is copied as exported."""
+    try:
+        head = read_fastbert_head(source)
+    except UnsupportedLayer:
+        head = head_subgraph(source)
+    return fit_heads(source, read_bert_layer(source), head, feeds)
 
 
-def fit_heads(source: onnx.ModelProto, layer: BertLayer, feeds: Sequence[dict]) -> tuple[BertLayer, int, tuple]:
-    """The first head count among the layer's candidates whose rebuild reproduces `source`."""
-    head = head_subgraph(source)
+def fit_heads(source: onnx.ModelProto, layer: BertLayer, head, feeds: Sequence[dict]) -> tuple:
+    """The first head counts among the candidates whose rebuild reproduces `source`."""
     reference = session(source)
     expected = [reference.run(["hidden_out", "logits"], f) for f in feeds]
+    exit_widths = head.head_dims if isinstance(head, FastBertHead) else [0]
     worst = {}
     for dim in layer.head_dims:
-        heads = layer.hidden // dim
-        got = [session(build_layer(layer, heads, head)).run(["hidden_out", "logits"], f) for f in feeds]
-        diff = max(float(np.abs((a - b)[f["attention_mask"].astype(bool)] if a.ndim == 3 else a - b).max())
-                   for e, o, f in zip(expected, got, feeds) for a, b in zip(e, o))
-        if diff <= MATCH_TOLERANCE:
-            return layer, heads, head
-        worst[heads] = diff
-    raise UnsupportedLayer("the fused rebuild does not reproduce the layer (max |diff| by head count: "
+        for exit_dim in exit_widths:
+            heads, exit_heads = layer.hidden // dim, exit_dim and head.query.shape[0] // exit_dim
+            rebuilt = session(build_layer(layer, heads, head, exit_heads))
+            got = [rebuilt.run(["hidden_out", "logits"], f) for f in feeds]
+            diff = max(float(np.abs((a - b)[f["attention_mask"].astype(bool)] if a.ndim == 3 else a - b).max())
+                       for e, o, f in zip(expected, got, feeds) for a, b in zip(e, o))
+            if diff <= MATCH_TOLERANCE:
+                return layer, heads, head, exit_heads
+            worst[(heads, exit_heads)] = diff
+    raise UnsupportedLayer("the fused rebuild does not reproduce the layer (max |diff| by head counts: "
                            + ", ".join(f"{k}: {v:.1e}" for k, v in worst.items()) + ")")
 
 
 def quantize_layer(source: onnx.ModelProto, calibration: Sequence[dict]) -> onnx.ModelProto:
     """The int8 fused layer, its activation ranges fitted on `calibration` (one unpadded row a
     feed: padding would widen the ranges)."""
-    layer, heads, head = fused_fp32(source, check_inputs(int(calibration[0]["hidden"].shape[-1]), calibration))
-    probe = session(build_layer(layer, heads, head, probes=True))
-    seen = {p: [] for p in PROBES}
+    layer, heads, head, exit_heads = fused_fp32(
+        source, check_inputs(int(calibration[0]["hidden"].shape[-1]), calibration))
+    probe = session(build_layer(layer, heads, head, exit_heads, probes=True))
+    names = list(probe_names(head))
+    seen = {p: [] for p in names}
     for feed in calibration:
-        for name, value in zip(PROBES, probe.run(list(PROBES), feed)):
+        for name, value in zip(names, probe.run(names, feed)):
             seen[name].append(value.reshape(-1))
     scales = {name: ActivationScale.fit(np.concatenate(values)) for name, values in seen.items()}
-    return build_layer(layer, heads, head, scales)
+    return build_layer(layer, heads, head, exit_heads, scales)

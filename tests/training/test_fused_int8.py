@@ -31,6 +31,10 @@ def test_fused_layers_compute_in_int8_without_reshapes(tiny_fused_bundle):
         # the layer itself: no head reshapes, no additive mask, nothing computed in fp32 MatMuls
         assert not {"Reshape", "Transpose", "MatMul", "Softmax", "Erf", "Sub"} & set(ops)
         assert len(backbone) == 13  # lengths 2, quantisers 4, fused operators 7
+        # the FastBERT exit rebuilt too: int8 projections, [CLS]-only attention, no reshapes
+        everything = [n.op_type for n in graph.node]
+        assert not {"Reshape", "Transpose", "Softmax"} & set(everything)
+        assert everything.count("MultiHeadAttention") == 1 and everything.count("MatMulIntegerToFloat") == 5
         constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         weights = [constants[n.input[1]].dtype for n in backbone if n.op_type in ("QAttention", "MatMulIntegerToFloat")]
         zero_points = [constants[n.input[2]].dtype for n in backbone if n.op_type == "QuantizeLinear"]
@@ -40,12 +44,18 @@ def test_fused_layers_compute_in_int8_without_reshapes(tiny_fused_bundle):
 
 def test_fp32_rebuild_reproduces_the_exported_layer_on_padded_rows(tiny_bundle):
     source = _layer(tiny_bundle["bundle"], 1)
-    layer, heads, head = fused_int8.fused_fp32(source, fused_int8.check_inputs(32, []))
+    feeds = fused_int8.check_inputs(32, [])
+    layer, heads, head, exit_heads = fused_int8.fused_fp32(source, feeds)
     assert heads == 2  # tests/tiny.py: width 32, 2 attention heads
-    # The head count is checked, not assumed: a wrong one does not reproduce the layer.
+    assert isinstance(head, fused_int8.FastBertHead) and exit_heads == 2  # training/model.py
+    # The head counts are checked, not assumed: a wrong one does not reproduce the layer.
     layer.head_dims = [8]
     with pytest.raises(fused_int8.UnsupportedLayer, match="does not reproduce"):
-        fused_int8.fit_heads(source, layer, fused_int8.check_inputs(32, []))
+        fused_int8.fit_heads(source, layer, head, feeds)
+    # Any other exit head is copied as exported, and still reproduces the layer.
+    layer.head_dims = [16]
+    _, _, spliced, _ = fused_int8.fit_heads(source, layer, fused_int8.head_subgraph(source), feeds)
+    assert isinstance(spliced, fused_int8.SplicedHead)
 
 
 def test_fused_bundle_answers_like_the_fp32_bundle(tiny_bundle, tiny_fused_bundle):
