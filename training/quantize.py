@@ -177,6 +177,11 @@ def quantize_fused(source: Path, staging: Path, graphs: list[str], encoder: Text
         feeds = _next_feeds(staging / graph, feeds)
 
 
+# the methods whose activation scales come from calibration text: (quantiser, phase, description)
+CALIBRATED = {"static": (quantize_static, "static int8 quantisation", STATIC),
+              "fused": (quantize_fused, "fused static int8 quantisation", FUSED)}
+
+
 # -- the bundle --------------------------------------------------------------------------------
 
 def row_independence(engine: Engine, encoder: TextEncoder, inputs: Sequence) -> float:
@@ -203,7 +208,7 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
     than `max_loss_points` against the fp32 source, or if a row's answer depends on its batch."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    if method in ("static", "fused") and not calibration_inputs:
+    if method in CALIBRATED and not calibration_inputs:
         raise ValueError("static quantisation needs calibration text (training rows)")
     source, out_dir = Path(source), Path(out_dir)
     manifest = read_manifest(source)
@@ -213,18 +218,12 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
         staging = staged.path
         encoder = TextEncoder.from_file(source / manifest.tokenizer, manifest.max_seq_length)
         graphs = [manifest.graphs.embeddings, *manifest.graphs.layers]
-        if method == "static":
+        if method in CALIBRATED:
             calibration_inputs = list(calibration_inputs)
-            with progress.phase("static int8 quantisation",
-                                f"{len(graphs)} graphs, {len(calibration_inputs):,} calibration rows"):
-                quantize_static(source, staging, graphs, encoder, calibration_inputs)
-            description = STATIC.format(rows=len(calibration_inputs))
-        elif method == "fused":
-            calibration_inputs = list(calibration_inputs)
-            with progress.phase("fused static int8 quantisation",
-                                f"{len(graphs)} graphs, {len(calibration_inputs):,} calibration rows"):
-                quantize_fused(source, staging, graphs, encoder, calibration_inputs)
-            description = FUSED.format(rows=len(calibration_inputs))
+            quantize, phase, template = CALIBRATED[method]
+            with progress.phase(phase, f"{len(graphs)} graphs, {len(calibration_inputs):,} calibration rows"):
+                quantize(source, staging, graphs, encoder, calibration_inputs)
+            description = template.format(rows=len(calibration_inputs))
         else:
             with progress.phase("weight-only quantisation", f"{len(graphs)} graphs"):
                 for graph in progress.bar(graphs, desc="weight-only quantisation", unit="graph"):
