@@ -81,11 +81,27 @@ GENERATION_TEXTS = [
 
 
 def tiny_generation_tokenizer(vocab_size: int = 160) -> Tokenizer:
-    """[PAD] 0, [UNK] 1, [CLS] 2 (bos), [SEP] 3 (eos), [MASK] 4, then the trained pieces."""
-    return wordpiece_tokenizer(GENERATION_TEXTS, vocab_size=vocab_size)
+    """[PAD] 0, [UNK] 1, [CLS] 2 (bos), [SEP] 3 (eos), [MASK] 4, every character alone and as
+    "##c", then the words seen more than once, most frequent first (ties by spelling), up to
+    `vocab_size`; other words split into characters. Built, not trained: the WordPiece trainer breaks frequency ties differently
+    from one process to the next, and the random models built on these ids with them."""
+    from collections import Counter
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for text in GENERATION_TEXTS
+                    for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    ranked = sorted((w for w in words if len(w) > 1 and words[w] > 1), key=lambda w: (-words[w], w))
+    vocab += ranked[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
 
 
-def tiny_generation_model(tokenizer: Tokenizer, seed: int = 0, eos_gain: float = 2.0, layer_gain: float = 5.0,
+def tiny_generation_model(tokenizer: Tokenizer, seed: int = 0, eos_gain: float = 4.0, layer_gain: float = 5.0,
                           **config):
     """A random Seq2SeqStudent over `tokenizer`'s vocabulary, in eval mode, made to behave enough
     like a trained one for decoding tests: its decoder layers' outputs are scaled up (a random
