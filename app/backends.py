@@ -30,6 +30,38 @@ class BackendUnavailable(RuntimeError):
     """The requested runtime is not installed."""
 
 
+def ort_providers(provider: str) -> list[str]:
+    """The providers to ask ONNX Runtime for; CUDA falls back to CPU with a warning."""
+    import onnxruntime as ort
+
+    if provider == "cuda":
+        if ORT_PROVIDERS["cuda"] in ort.get_available_providers():
+            return [ORT_PROVIDERS["cuda"], ORT_PROVIDERS["cpu"]]
+        log.warning("CUDA provider requested but not available in onnxruntime; using CPU")
+    return [ORT_PROVIDERS["cpu"]]
+
+
+def ort_session_options(intra_op_threads: int, denormal_as_zero: bool = False):
+    """Options of every offramp session: many small sessions per bundle, one running at a time."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One session per layer: threads spinning in idle sessions would steal the CPU
+    # from the session that is running.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No CPU memory arena: with ever-changing shapes (rows x tokens) it keeps the peak of
+    # every shape it has seen, so memory climbs with each new longest batch (one batch of
+    # 32 long rows took a process from 250 to 807 MB, for good); without it memory
+    # follows the work and speed is the same (measured: docs/serving.md).
+    options.enable_cpu_mem_arena = False
+    if denormal_as_zero:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return options
+
+
 def _embedding_feeds(batch: EncodedBatch, wanted: set[str]) -> dict[str, np.ndarray]:
     # Position-only embeddings need no mask, and the exporter drops unused inputs.
     feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
@@ -43,27 +75,12 @@ class OrtBackend:
         import onnxruntime as ort
 
         self._ort = ort
-        self.providers = self.choose_providers(provider)
-
-        def options(intra_op_threads: int):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = intra_op_threads
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # One session per layer: threads spinning in idle sessions would steal the CPU
-            # from the session that is running.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            # No CPU memory arena: with ever-changing shapes (rows x tokens) it keeps the peak of
-            # every shape it has seen, so memory climbs with each new longest batch (one batch of
-            # 32 long rows took a process from 250 to 807 MB, for good); without it memory
-            # follows the work and speed is the same (measured: docs/serving.md).
-            options.enable_cpu_mem_arena = False
-            return options
+        self.providers = ort_providers(provider)
 
         def session(name: str, opts):
             return ort.InferenceSession(str(bundle_dir / name), sess_options=opts, providers=self.providers)
 
-        wide = options(threads)
+        wide = ort_session_options(threads)
         self.embeddings = session(manifest.graphs.embeddings, wide)
         self.layers = [session(name, wide) for name in manifest.graphs.layers]
         # A multi-task bundle's layers are its shared trunk (hidden_out alone); every task has
@@ -81,17 +98,9 @@ class OrtBackend:
         # kernels: the answer does not change, only who computes it).
         self.narrow_layers = self.narrow_heads = None
         if self.device == "cpu" and threads > 1:
-            narrow = options(1)
+            narrow = ort_session_options(1)
             self.narrow_layers = [session(name, narrow) for name in manifest.graphs.layers]
             self.narrow_heads = [[session(name, narrow) for name in files] for files in head_files]
-
-    def choose_providers(self, provider: str) -> list[str]:
-        """The providers to ask ONNX Runtime for; CUDA falls back to CPU with a warning."""
-        if provider == "cuda":
-            if ORT_PROVIDERS["cuda"] in self._ort.get_available_providers():
-                return [ORT_PROVIDERS["cuda"], ORT_PROVIDERS["cpu"]]
-            log.warning("CUDA provider requested but not available in onnxruntime; using CPU")
-        return [ORT_PROVIDERS["cpu"]]
 
     def _bound_run(self, session, inputs: dict, outputs: dict[str, str]) -> list:
         binding = session.io_binding()

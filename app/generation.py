@@ -11,23 +11,18 @@ once per row, on the exit it left at. The search (greedy, beams) is app/search.p
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-
 import time
 
 import numpy as np
 from tokenizers import Tokenizer, decoders
 
+from app.backends import ORT_PROVIDERS, ort_providers, ort_session_options
 from app.manifest import GenerationSpec, Manifest
 from app.search import generate
 from app.threads import cpu_quota
-
-log = logging.getLogger(__name__)
-
-ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass
@@ -107,15 +102,9 @@ class GenerationEncoder:
 
 
 def _providers(provider: str) -> list[str]:
-    import onnxruntime as ort
-
     if provider not in ORT_PROVIDERS:
         raise ValueError(f"a generation bundle runs on ONNX Runtime: provider cpu or cuda, not {provider!r}")
-    if provider == "cuda":
-        if ORT_PROVIDERS["cuda"] in ort.get_available_providers():
-            return [ORT_PROVIDERS["cuda"], ORT_PROVIDERS["cpu"]]
-        log.warning("CUDA provider requested but not available in onnxruntime; using CPU")
-    return [ORT_PROVIDERS["cpu"]]
+    return ort_providers(provider)
 
 
 class DecoderGraphs:
@@ -124,16 +113,8 @@ class DecoderGraphs:
     def __init__(self, bundle_dir: Path, spec: GenerationSpec, provider: str = "cpu", threads: int = 1):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Many small sessions, one running at a time: idle ones must not spin (app/backends.py),
-        # and an arena would keep the peak of every shape seen.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_cpu_mem_arena = False
         # Denormal floats (softmax weights of masked positions) slow CPU kernels several-fold.
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        options = ort_session_options(threads, denormal_as_zero=True)
         providers = _providers(provider)
 
         def session(name: str):

@@ -24,6 +24,7 @@ architecture (or a head count that does not fit) is refused, never approximated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,6 +32,8 @@ import onnx
 from onnx import TensorProto
 from onnx import helper as H
 from onnx import numpy_helper
+
+from app.backends import ort_session_options
 
 CLIP_PERCENTILE = 99.99
 MATCH_TOLERANCE = 1e-4
@@ -91,13 +94,7 @@ def read_bert_layer(model: onnx.ModelProto) -> BertLayer:
     if len(projections) != 6 or len(norms) != 2 or "Erf" not in ops or "Softmax" not in ops:
         raise UnsupportedLayer(f"not a BERT layer ({len(projections)} weight MatMuls, {len(norms)} "
                                f"LayerNormalizations, erf GELU {'Erf' in ops})")
-    consumers = {}
-    for node in backbone:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def bias(matmul: onnx.NodeProto) -> np.ndarray:
-        return _bias(matmul, consumers, values)
+    consumers = _consumers(backbone)
 
     def norm(node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, float]:
         epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
@@ -109,9 +106,9 @@ def read_bert_layer(model: onnx.ModelProto) -> BertLayer:
     if shapes[:4] != [(hidden, hidden)] * 4 or shapes[4][0] != hidden or shapes[5] != shapes[4][::-1]:
         raise UnsupportedLayer(f"projection shapes {shapes} are not BERT's")
     head_dims = _head_dims(backbone, values, hidden)
-    return BertLayer(hidden, np.concatenate(w[:3], axis=1), np.concatenate([bias(n) for n in projections[:3]]),
-                     w[3], bias(projections[3]), norm(norms[0]), w[4], bias(projections[4]), w[5],
-                     bias(projections[5]), norm(norms[1]), head_dims)
+    b = [_bias(n, consumers, values) for n in projections]
+    return BertLayer(hidden, np.concatenate(w[:3], axis=1), np.concatenate(b[:3]), w[3], b[3], norm(norms[0]),
+                     w[4], b[4], w[5], b[5], norm(norms[1]), head_dims)
 
 
 @dataclass
@@ -151,10 +148,7 @@ def read_fastbert_head(model: onnx.ModelProto) -> FastBertHead:
     if (len(projections) != 4 or len(gemms) != 2 or ops.count("Tanh") != 2 or ops.count("Softmax") != 1
             or any(not any(a.name == "transB" and a.i == 1 for a in n.attribute) for n in gemms)):
         raise UnsupportedLayer("not a FastBERT exit head")
-    consumers = {}
-    for node in spliced.nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(spliced.nodes)
     w = [values[n.input[1]].astype(np.float32) for n in projections]
     b = [_bias(n, consumers, values) for n in projections]
     width = w[0].shape[1]
@@ -163,6 +157,14 @@ def read_fastbert_head(model: onnx.ModelProto) -> FastBertHead:
     dense, out = ((values[n.input[1]].astype(np.float32), values[n.input[2]].astype(np.float32)) for n in gemms)
     return FastBertHead(w[0], b[0], w[1], b[1], np.concatenate(w[2:], axis=1), np.concatenate(b[2:]),
                         dense, out, _head_dims(spliced.nodes, values, width))
+
+
+def _consumers(nodes) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
 
 
 def _bias(matmul: onnx.NodeProto, consumers: dict, values: dict) -> np.ndarray:
@@ -315,13 +317,12 @@ def build_layer(layer: BertLayer, num_heads: int, head: SplicedHead | FastBertHe
     return model
 
 
-def session(model: onnx.ModelProto):
+def session(model: onnx.ModelProto | Path):
+    """A CPU session of a graph in memory or on disk, with the engine's options."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, sess_options=ort_session_options(0), providers=["CPUExecutionProvider"])
 
 
 def check_inputs(width: int, real: Sequence[dict]) -> list[dict]:

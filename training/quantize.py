@@ -113,21 +113,13 @@ def activations_to_uint8(model: onnx.ModelProto) -> int:
     return len(changed_outputs)
 
 
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def _embedding_feeds(source: Path, staging: Path, embeddings: str, encoder: TextEncoder,
                      calibration_inputs: Sequence) -> list[dict]:
     """Embeddings: Gather int8; what they give each calibration row, one row at a time (padding
     would widen the ranges)."""
     shutil.copyfile(source / embeddings, staging / embeddings)
     quantize_gather(staging / embeddings)
-    session = _ort_session(staging / embeddings)
+    session = fused_int8.session(staging / embeddings)
     wanted = {i.name for i in session.get_inputs()}
     feeds = []
     for item in progress.bar(calibration_inputs, desc="calibration rows: embeddings", unit="row"):
@@ -140,7 +132,7 @@ def _embedding_feeds(source: Path, staging: Path, embeddings: str, encoder: Text
 
 
 def _next_feeds(layer_path: Path, feeds: list[dict]) -> list[dict]:
-    layer = _ort_session(layer_path)
+    layer = fused_int8.session(layer_path)
     return [{"hidden": layer.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]}
             for feed in feeds]
 
