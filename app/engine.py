@@ -21,7 +21,7 @@ from app.backends import PROVIDER_NAMES, make_backend
 from app.encoding import EncodedBatch
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
-from app.policies import ENTROPY, POLICIES, ExitSettings, ExitState, step
+from app.policies import ENTROPY, POLICIES, ExitSettings, ExitState, may_leave, step
 from app.uncertainty import softmax
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,15 @@ class Engine:
         active = np.arange(rows)  # original row index of each row still running
         state = ExitState.start(rows)
         hidden, mask = self.backend.embed(batch), batch.attention_mask
+        running = settings
         for index in range(self.num_layers):
             layer = index + 1
             hidden, logits = self.backend.layer(index, hidden, mask)
+            # Where no row may leave (full depth, or below min_layers) no policy needs to run.
+            if not may_leave(layer, self.num_layers, running):
+                continue
             probs = self.probabilities(logits)
-            leaving, u, state = step(layer, self.num_layers, probs, settings.take(active), state,
-                                     self.exit_temperature(index))
+            leaving, u, state = step(layer, self.num_layers, probs, running, state, self.exit_temperature(index))
             if leaving.any():
                 done = active[leaving]
                 probabilities[done] = probs[leaving]
@@ -173,6 +176,7 @@ class Engine:
                 if not staying.any():
                     break
                 active = active[staying]
+                running = running.take(staying)
                 state = state.take(staying)
                 hidden, mask = compact(self.backend, hidden, mask, staying)
         return ExitResult(probabilities, exit_layer, uncertainty)

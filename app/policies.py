@@ -58,14 +58,23 @@ class ExitSettings:
     policy: np.ndarray
     patience: np.ndarray
 
+    # The policy codes present, when known (None: look at `policy`): rows taken from these
+    # settings have a subset of them, so it is carried along instead of recomputed every layer.
+    kinds: frozenset | None = None
+
     @classmethod
     def of(cls, rows: int, threshold, min_layers, max_layers, policy=ENTROPY, patience=0) -> ExitSettings:
+        codes = _rows(policy, rows, np.int64)
         return cls(_rows(threshold, rows, np.float32), _rows(min_layers, rows, np.int64),
-                   _rows(max_layers, rows, np.int64), _rows(policy, rows, np.int64), _rows(patience, rows, np.int64))
+                   _rows(max_layers, rows, np.int64), codes, _rows(patience, rows, np.int64),
+                   frozenset(np.unique(codes).tolist()))
 
     def take(self, index) -> ExitSettings:
         return ExitSettings(self.threshold[index], self.min_layers[index], self.max_layers[index],
-                            self.policy[index], self.patience[index])
+                            self.policy[index], self.patience[index], self.kinds)
+
+    def policy_kinds(self) -> frozenset:
+        return self.kinds if self.kinds is not None else frozenset(np.unique(self.policy).tolist())
 
 
 @dataclass
@@ -100,18 +109,40 @@ def step(layer: int, num_layers: int, probs: np.ndarray, settings: ExitSettings,
     entropy = normalized_entropy(probs)
     threshold, policy = settings.threshold, settings.policy
     prediction = probs.argmax(axis=-1)
-    unchanged = prediction == state.previous
     first = threshold >= 1.0  # "the first exit allowed", even for a uniform distribution
     confident_layer = (entropy < threshold) | first
-    streak = np.where(policy == PATIENCE, np.where(unchanged, state.streak + 1, 0),
-                      np.where(confident_layer, state.streak + 1, 0))
-    confident = np.select(
-        [policy == ENTROPY, policy == MAX_PROB],
-        [confident_layer, (top_probability_uncertainty(probs, temperature) < threshold) | first],
-        default=streak >= settings.patience)
+    kinds = settings.policy_kinds()
+    # Each policy's rule is computed only where a row asks for it (the engine calls this after
+    # every layer, so at one row a batch the rules nobody asked for would be most of its time).
+    if kinds <= {ENTROPY}:
+        streak, confident = np.where(confident_layer, state.streak + 1, 0), confident_layer
+    elif kinds <= {MAX_PROB}:
+        streak = np.where(confident_layer, state.streak + 1, 0)
+        confident = (top_probability_uncertainty(probs, temperature) < threshold) | first
+    else:
+        unchanged = prediction == state.previous
+        streak = np.where(policy == PATIENCE, np.where(unchanged, state.streak + 1, 0),
+                          np.where(confident_layer, state.streak + 1, 0))
+        top = (top_probability_uncertainty(probs, temperature) < threshold) | first if MAX_PROB in kinds \
+            else confident_layer
+        confident = np.select([policy == ENTROPY, policy == MAX_PROB], [confident_layer, top],
+                              default=streak >= settings.patience)
     leaving = (layer >= num_layers) | (layer >= settings.max_layers) | \
         ((layer >= settings.min_layers) & confident)
     return leaving, entropy, ExitState(prediction, streak, state.score)
+
+
+def may_leave(layer: int, num_layers: int, settings: ExitSettings) -> bool:
+    """Whether any of these rows could leave after exit `layer` (1-based), so that the policy
+    must run. A row of the entropy or max_prob policy at threshold 0 (full depth) or below its
+    min_layers cannot (neither uncertainty is ever below 0), and needs nothing from this exit:
+    its state is only read by the patience policies, whose rows need every exit."""
+    if layer >= num_layers:
+        return True
+    if not settings.policy_kinds() <= {ENTROPY, MAX_PROB}:
+        return True
+    return bool(((layer >= settings.max_layers) |
+                 ((layer >= settings.min_layers) & (settings.threshold > 0.0))).any())
 
 
 def regression_step(layer: int, num_layers: int, scores: np.ndarray, settings: ExitSettings, state: ExitState,

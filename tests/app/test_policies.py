@@ -8,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.policies import (CONFIDENT_PATIENCE, ENTROPY, MAX_PROB, PATIENCE, REGRESSION, ExitSettings, ExitState,
-                          simulate, simulate_exits, simulate_regression, step, top_probability_uncertainty)
+                          may_leave, simulate, simulate_exits, simulate_regression, step,
+                          top_probability_uncertainty)
 from app.registry import load_model
 from app.server import create_app
 from app.settings import Settings
@@ -201,3 +202,18 @@ def test_a_budget_is_instead_of_a_threshold(client):
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fine"]}],
         "parameters": {"max_accuracy_drop": 100}})
     assert v2.status_code == 200 and v2.json()["parameters"]["threshold"] == 1.0
+
+
+def test_an_exit_is_needed_only_where_some_row_may_leave():
+    def needed(layer, threshold, min_layers=1, max_layers=6, policy=ENTROPY, patience=0, rows=2):
+        return may_leave(layer, 6, ExitSettings.of(rows, threshold, min_layers, max_layers, policy, patience))
+
+    assert not needed(1, 0.0) and not needed(5, 0.0, policy=MAX_PROB) and needed(6, 0.0)  # full depth
+    assert needed(1, 0.01) and needed(1, 1.0)
+    assert not needed(2, 1.0, min_layers=3) and needed(3, 1.0, min_layers=3)
+    assert needed(2, 0.0, max_layers=2)  # a row leaves at its max_layers, with that exit's answer
+    # patience reads every exit's prediction, whatever the threshold
+    assert needed(1, 0.0, policy=PATIENCE, patience=2) and needed(1, 0.0, policy=CONFIDENT_PATIENCE, patience=1)
+    # one row of a batch that may leave is enough
+    assert may_leave(1, 6, ExitSettings.of(2, np.array([0.0, 0.3], np.float32), 1, 6))
+    assert not may_leave(1, 6, ExitSettings.of(0, 0.5, 1, 6))
