@@ -57,10 +57,9 @@ class ExitSettings:
     max_layers: np.ndarray
     policy: np.ndarray
     patience: np.ndarray
-
-    # The policy codes present, when known (None: look at `policy`): rows taken from these
-    # settings have a subset of them, so it is carried along instead of recomputed every layer.
-    kinds: frozenset | None = None
+    # The policy codes present (a superset for rows taken from other settings): carried along
+    # by `take` rather than recomputed after every layer.
+    kinds: frozenset
 
     @classmethod
     def of(cls, rows: int, threshold, min_layers, max_layers, policy=ENTROPY, patience=0) -> ExitSettings:
@@ -72,9 +71,6 @@ class ExitSettings:
     def take(self, index) -> ExitSettings:
         return ExitSettings(self.threshold[index], self.min_layers[index], self.max_layers[index],
                             self.policy[index], self.patience[index], self.kinds)
-
-    def policy_kinds(self) -> frozenset:
-        return self.kinds if self.kinds is not None else frozenset(np.unique(self.policy).tolist())
 
 
 @dataclass
@@ -111,7 +107,7 @@ def step(layer: int, num_layers: int, probs: np.ndarray, settings: ExitSettings,
     prediction = probs.argmax(axis=-1)
     first = threshold >= 1.0  # "the first exit allowed", even for a uniform distribution
     confident_layer = (entropy < threshold) | first
-    kinds = settings.policy_kinds()
+    kinds = settings.kinds
     # Each policy's rule is computed only where a row asks for it (the engine calls this after
     # every layer, so at one row a batch the rules nobody asked for would be most of its time).
     if kinds <= {ENTROPY}:
@@ -139,7 +135,7 @@ def may_leave(layer: int, num_layers: int, settings: ExitSettings) -> bool:
     its state is only read by the patience policies, whose rows need every exit."""
     if layer >= num_layers:
         return True
-    if not settings.policy_kinds() <= {ENTROPY, MAX_PROB}:
+    if not settings.kinds <= {ENTROPY, MAX_PROB}:
         return True
     return bool(((layer >= settings.max_layers) |
                  ((layer >= settings.min_layers) & (settings.threshold > 0.0))).any())
