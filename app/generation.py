@@ -2,9 +2,9 @@
 decoder (CALM, Schuster et al. 2022) on ONNX Runtime. numpy and onnxruntime only.
 
 Every decoding step embeds the new tokens and runs decoder layer 1, 2, ...; after layer i < L the
-rows whose exit is sure enough (exit_uncertainty < their threshold) leave, and only the rows still
-going run the next layer: the batch is compacted between layers, which is where the time goes
-down. A row that left gets the cache entries of the layers it skipped from the state it left with
+rows whose exit is sure enough (exit_uncertainty < their threshold) leave. Once few enough rows
+still go (COMPACT_BELOW), only they run the next layers, on a compacted batch: that is where the
+time goes down. A row that left gets the cache entries of the layers it skipped from the state it left with
 (decoder_kv_NN, CALM's state propagation), batched over those rows; the output projection runs
 once per row, on the exit it left at. The search (greedy, beams) is app/search.py's.
 """
@@ -150,14 +150,24 @@ class DecoderGraphs:
         return self._projection.run(None, {"exit_hidden": exit_hidden})[0]
 
 
+# A layer runs on a compacted batch (the rows still going, gathered) only when at most this
+# fraction of the step's rows still go. Gathering a row's caches (its self-attention keys and
+# values so far, and the cross-attention keys and values of its source) copies about as many
+# bytes as the layer computes on, so a batch compacted by a little costs more than the full one;
+# below this fraction the layer runs on all rows, the results of those that left are dropped and
+# their cache entries filled in place (what IncrementalDecoder does). Measured on the shipped
+# bundle: bench/generation_exits.py.
+COMPACT_BELOW = 0.5
+
+
 class OnnxStepper:
     """app/search.py's Stepper over the graphs, with per-token exits: the ONNX twin of
     training/seq2seq_model.py IncrementalDecoder."""
 
     def __init__(self, graphs: DecoderGraphs, cross_key: np.ndarray, cross_value: np.ndarray,
-                 attention_mask: np.ndarray):
+                 attention_mask: np.ndarray, compact_below: float = COMPACT_BELOW):
         layers, rows, heads, _, head_dim = cross_key.shape
-        self.graphs, self.layers = graphs, layers
+        self.graphs, self.layers, self.compact_below = graphs, layers, compact_below
         self.cross_key = [np.ascontiguousarray(cross_key[i]) for i in range(layers)]
         self.cross_value = [np.ascontiguousarray(cross_value[i]) for i in range(layers)]
         self.attention_mask = attention_mask
@@ -165,6 +175,7 @@ class OnnxStepper:
         self.keys, self.values = [empty] * layers, [empty] * layers
         self.length = 0
         self.layers_run = 0  # rows x layers computed, all steps (what exits save)
+        self.layers_needed = 0  # rows x layers whose result was used: the exit layers summed
         self.layers_s = 0.0  # wall time in the decoder layers and cache fills, all steps
 
     def reorder(self, rows: np.ndarray) -> None:
@@ -181,31 +192,49 @@ class OnnxStepper:
         started = time.perf_counter()
         left, left_states = np.zeros(0, dtype=np.int64), hidden[:0]  # rows that left, and what they left with
         for i in range(self.layers):
-            if going.size:
-                whole = going.size == n  # nothing to gather
-                pick = (lambda a: a) if whole else (lambda a: a[going])
-                out, key, value, normed, uncertainty = g.layer(
-                    i, hidden, pick(self.keys[i]), pick(self.values[i]), pick(self.cross_key[i]),
-                    pick(self.cross_value[i]), pick(self.attention_mask))
-                self.layers_run += going.size
-            if left.size:
-                fill_key, fill_value = g.kv_fill(i, left_states)
-                self.keys[i] = self._merged(self.keys[i], going, key if going.size else None, left, fill_key)
-                self.values[i] = self._merged(self.values[i], going, value if going.size else None, left, fill_value)
-            else:
-                self.keys[i], self.values[i] = key, value
-            if not going.size:
+            if not going.size:  # every row has left: only the cache entries of this layer
+                self.keys[i], self.values[i] = self._filled(i, left, left_states)
                 continue
+            if left.size and going.size <= self.compact_below * n:
+                out, key, value, normed, uncertainty = g.layer(
+                    i, hidden[going], self.keys[i][going], self.values[i][going], self.cross_key[i][going],
+                    self.cross_value[i][going], self.attention_mask[going])
+                self.layers_run += going.size
+                fill_key, fill_value = g.kv_fill(i, left_states)
+                self.keys[i] = self._merged(self.keys[i], going, key, left, fill_key)
+                self.values[i] = self._merged(self.values[i], going, value, left, fill_value)
+                hidden[going] = out
+            else:  # every row runs the layer; those that left keep the entries of the state they left with
+                out, key, value, normed_all, uncertainty_all = g.layer(
+                    i, hidden, self.keys[i], self.values[i], self.cross_key[i], self.cross_value[i],
+                    self.attention_mask)
+                self.layers_run += n
+                if left.size:
+                    fill_key, fill_value = g.kv_fill(i, left_states)
+                    key[left, :, t:], value[left, :, t:] = fill_key, fill_value
+                    hidden[going] = out[going]
+                    normed, uncertainty = normed_all[going], uncertainty_all[going]
+                else:
+                    hidden, normed, uncertainty = out, normed_all, uncertainty_all
+                self.keys[i], self.values[i] = key, value
             leave = (uncertainty < threshold[going]) if i < self.layers - 1 else np.ones(going.size, dtype=bool)
             if leave.any():
                 exit_hidden[going[leave]] = normed[leave]
                 exit_layer[going[leave]] = i + 1
                 left = np.concatenate([left, going[leave]])
-                left_states = np.concatenate([left_states, out[leave]])
-            going, hidden = going[~leave], out[~leave]
+                left_states = np.concatenate([left_states, hidden[going[leave]]])
+            going = going[~leave]
         self.length += 1
+        self.layers_needed += int(exit_layer.sum())
         self.layers_s += time.perf_counter() - started
         return g.project(exit_hidden), exit_layer
+
+    def _filled(self, index: int, left: np.ndarray, left_states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `index`'s cache when no row ran it: every new entry from the state its row left with."""
+        fill_key, fill_value = self.graphs.kv_fill(index, left_states)
+        order = np.argsort(left)  # left lists the rows in the order they left; the cache in row order
+        return (np.concatenate([self.keys[index], fill_key[order]], axis=2),
+                np.concatenate([self.values[index], fill_value[order]], axis=2))
 
     @staticmethod
     def _merged(past, going, present, left, fill) -> np.ndarray:
@@ -213,8 +242,7 @@ class OnnxStepper:
         before it their past plus the entry filled from the state they left with."""
         rows, heads, t, head_dim = past.shape
         cache = np.empty((rows, heads, t + 1, head_dim), dtype=np.float32)
-        if present is not None:
-            cache[going] = present
+        cache[going] = present
         cache[left, :, :t] = past[left]
         cache[left, :, t:] = fill
         return cache
@@ -241,6 +269,7 @@ class GenerationEngine:
         self.manifest, self.spec, self.num_layers = manifest, manifest.generation, manifest.num_layers
         self.graphs = DecoderGraphs(bundle_dir, self.spec, provider, intra_op_threads or cpu_quota())
         self.active_provider = self.graphs.active_provider
+        self.compact_below = COMPACT_BELOW  # OnnxStepper's; bench/generation_exits.py sweeps it
         self.encoder = GenerationEncoder.from_file(bundle_dir / manifest.tokenizer, manifest.max_seq_length)
         # Never generated: every special token but eos ([PAD], [UNK], [CLS], [MASK]), as in
         # training-time decoding.
@@ -269,7 +298,7 @@ class GenerationEngine:
             group = np.flatnonzero((num_beams == beams) & (ngram == n))
             source = int(batch.lengths[group].max())
             stepper = OnnxStepper(self.graphs, cross_key[:, group, :, :source], cross_value[:, group, :, :source],
-                                  batch.attention_mask[group, :source])
+                                  batch.attention_mask[group, :source], compact_below=self.compact_below)
             found = generate(stepper, group.size, bos_id=self.spec.bos_id, eos_id=self.spec.eos_id,
                              max_new_tokens=max_new_tokens[group], threshold=threshold[group], num_beams=beams,
                              no_repeat_ngram_size=n, length_penalty=self.spec.length_penalty,

@@ -82,14 +82,17 @@ def test_decode_merges_wordpieces(engine):
 
 
 # ---- the stepper against IncrementalDecoder --------------------------------------------------
+@pytest.mark.parametrize("compact_below", [0.0, 0.5, 1.0])  # never, when half have left, always
 @pytest.mark.parametrize("threshold", [0.0, 0.4, 0.6])
-def test_onnx_stepper_matches_incremental_decoder_token_by_token(engine, model, threshold):
+def test_onnx_stepper_matches_incremental_decoder_token_by_token(engine, model, threshold, compact_below):
     """Teacher-forced random tokens, per-token exits, a reorder in the middle: the same
-    log-probs and exit layers at every step (the caches of skipped layers included)."""
+    log-probs and exit layers at every step (the caches of skipped layers included), whether the
+    rows that go on run on a compacted batch or with the others."""
     batch = engine.encoder.encode(SOURCES)
     rows = batch.rows
     memory = engine.graphs.encode(batch.input_ids, batch.attention_mask)
-    onnx = OnnxStepper(engine.graphs, *engine.graphs.cross_kv(memory), batch.attention_mask)
+    onnx = OnnxStepper(engine.graphs, *engine.graphs.cross_kv(memory), batch.attention_mask,
+                       compact_below=compact_below)
     reference = TorchStepper(model, batch.input_ids, batch.attention_mask)
     rng = np.random.default_rng(0)
     thresholds = np.full(rows, threshold, dtype=np.float32)
@@ -107,11 +110,15 @@ def test_onnx_stepper_matches_incremental_decoder_token_by_token(engine, model, 
         np.testing.assert_array_equal(layer, expected_layer)
         np.testing.assert_allclose(log_probs, expected_log_probs, atol=1e-4)
         exits.extend(layer)
+    assert onnx.layers_needed == sum(exits)
     if threshold == 0.0:
         assert set(exits) == {LAYERS} and onnx.layers_run == len(exits) * LAYERS
-    else:
-        assert len(set(exits)) >= 2 and min(exits) < LAYERS  # tokens really left early...
-        assert onnx.layers_run == sum(exits)  # ...and the layers they skipped were not run
+        return
+    assert len(set(exits)) >= 2 and min(exits) < LAYERS  # tokens really left early...
+    if compact_below == 1.0:
+        assert onnx.layers_run == sum(exits)  # ...and, compacted at once, the layers they skipped were not run
+    elif compact_below == 0.0:
+        assert onnx.layers_run > sum(exits)  # never compacted: the layers ran on every row, results dropped
 
 
 # ---- whole generations ----------------------------------------------------------------------

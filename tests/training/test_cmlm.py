@@ -165,7 +165,36 @@ def test_student_refuses_a_cache_of_other_data(teacher_dir, giga, tmp_path):
     assert exc.value.code == 2
 
 
-TINY_STUDENT = ["--epochs", "3", "--exit-epochs", "1", "--batch-size", "16", "--lr", "3e-3", "--d-model", "32",
+def test_joint_exit_draws_follow_depth():
+    from training.methods.cmlm import draw_exit
+
+    rng = np.random.default_rng(0)
+    counts = np.bincount([draw_exit(rng, 6) for _ in range(15000)], minlength=5)
+    assert counts.size == 5  # never the last layer: its loss is always there
+    np.testing.assert_allclose(counts / counts.sum(), np.arange(1, 6) / 15, atol=0.015)
+
+
+@pytest.mark.parametrize("exit_weight", [0.0, 1.0])
+def test_joint_training_trains_the_early_exits_only_when_asked(teacher_dir, giga, tmp_path, exit_weight):
+    from training.loop import seed_everything
+    from training.methods.cmlm import StudentConfig, new_student, train_student
+
+    tokenizer = plain_tokenizer(teacher_dir / "student_tokenizer.json")
+    specials = special_ids(tokenizer)
+    data = encode_pairs(tokenizer, read_pairs(giga["train"]), 62, 24)
+    cfg = StudentConfig(epochs=3, batch_size=16, d_model=32, num_heads=4, ffn_size=64, encoder_layers=1,
+                        decoder_layers=3, exit_weight=exit_weight)
+    seed_everything(cfg.seed)  # as train_student does: the same initial weights
+    fresh = new_student(cfg, tokenizer.get_vocab_size(), specials)
+    model, _ = train_student(data, data, specials, tokenizer.get_vocab_size(), cfg, tmp_path, None,
+                             device=torch.device("cpu"))
+    for i in range(3):
+        moved = not torch.equal(model.exit_norms[i].weight, fresh.exit_norms[i].weight)
+        assert moved == (i == 2 or exit_weight > 0), i
+        assert torch.equal(model.exit_confidence[i].weight, fresh.exit_confidence[i].weight)  # stage 2's
+
+
+TINY_STUDENT = ["--epochs", "3", "--exit-epochs", "1", "--exit-weight", "1", "--batch-size", "16", "--lr", "3e-3", "--d-model", "32",
                 "--num-heads", "4", "--ffn-size", "64", "--encoder-layers", "1", "--decoder-layers", "3",
                 "--max-new-tokens", "8", "--num-beams", "2"]
 
