@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders
 
 from app.backends import ORT_PROVIDERS, ort_providers, ort_session_options
 from app.manifest import GenerationSpec, Manifest
-from app.search import generate
+from app.search import generate, top_candidates
 from app.threads import cpu_quota
 
 
@@ -123,6 +123,9 @@ class DecoderGraphs:
         self._encoder, self._cross_kv = session(spec.encoder), session(spec.cross_kv)
         self._embed, self._projection = session(spec.embed), session(spec.projection)
         self._layers = [session(name) for name in spec.layers]
+        # Bundles exported before the projection had a TopK (input k) select tokens in numpy.
+        self._selects = "k" in {i.name for i in self._projection.get_inputs()}
+        self.vocab_size = spec.vocab_size
         self._kv_fill = [session(name) for name in spec.kv_fill]
         self.active_provider = self._encoder.get_providers()[0]
 
@@ -147,7 +150,20 @@ class DecoderGraphs:
         return key, value
 
     def project(self, exit_hidden: np.ndarray) -> np.ndarray:
-        return self._projection.run(None, {"exit_hidden": exit_hidden})[0]
+        feeds = {"exit_hidden": exit_hidden}
+        if self._selects:
+            feeds["k"] = np.ones(1, dtype=np.int64)
+        return self._projection.run(["log_probs"], feeds)[0]
+
+    def top_tokens(self, exit_hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(top_log_probs [rows, k], top_ids [rows, k]): each row's k best tokens, best first, ties
+        by lower id; selected in the graph (TopK) where the bundle's has it, else here."""
+        if not self._selects:
+            return top_candidates(self.project(exit_hidden), k)
+        k = min(k, self.vocab_size)
+        values, ids = self._projection.run(["top_log_probs", "top_ids"],
+                                           {"exit_hidden": exit_hidden, "k": np.array([k], dtype=np.int64)})
+        return values, ids
 
 
 # A layer runs on a compacted batch (the rows still going, gathered) only when at most this
@@ -184,6 +200,15 @@ class OnnxStepper:
         self.attention_mask = self.attention_mask[rows]
 
     def step(self, tokens: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        exit_hidden, exit_layer = self._decode(tokens, threshold)
+        return self.graphs.project(exit_hidden), exit_layer
+
+    def step_top(self, tokens: np.ndarray, threshold: np.ndarray, k: int):
+        exit_hidden, exit_layer = self._decode(tokens, threshold)
+        return (*self.graphs.top_tokens(exit_hidden, k), exit_layer)
+
+    def _decode(self, tokens: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(exit_hidden [n, d]: each token's normalised state at the exit it left at, exit_layer [n])."""
         n, t, g = len(tokens), self.length, self.graphs
         hidden = g.embed(np.asarray(tokens, dtype=np.int64), np.full(n, t, dtype=np.int64))
         exit_hidden = np.empty_like(hidden)
@@ -227,7 +252,7 @@ class OnnxStepper:
         self.length += 1
         self.layers_needed += int(exit_layer.sum())
         self.layers_s += time.perf_counter() - started
-        return g.project(exit_hidden), exit_layer
+        return exit_hidden, exit_layer
 
     def _filled(self, index: int, left: np.ndarray, left_states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Layer `index`'s cache when no row ran it: every new entry from the state its row left with."""

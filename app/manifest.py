@@ -207,7 +207,9 @@ class GenerationSpec(BaseModel):
                    exit_hidden [rows, d] (the exit's normalised state), exit_uncertainty [rows]
     kv_fill[i]: (hidden [rows, d]) -> key, value [rows, heads, 1, head_dim]: layer i's self-attention
                 entries computed from a state that left before layer i (CALM state propagation)
-    projection: (exit_hidden [rows, d]) -> log_probs [rows, vocab] (shared by every exit)
+    projection: (exit_hidden [rows, d], k [1] int64) -> log_probs [rows, vocab] (shared by every exit),
+                top_log_probs, top_ids [rows, k] (each row's k best, best first, ties by lower id);
+                bundles made before the TopK have exit_hidden in and log_probs out only
     A token leaves after layer i < layers when exit_uncertainty < the request's threshold.
     """
 

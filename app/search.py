@@ -29,6 +29,11 @@ class Stepper(Protocol):
     def step(self, tokens: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """tokens int64 [n], threshold float32 [n] -> (log_probs float32 [n, vocab], exit_layer int64 [n])."""
 
+    # Optional: step_top(tokens, threshold, k) -> (top_log_probs float32 [n, k], top_ids int64 [n, k],
+    # exit_layer int64 [n]), each row's k best tokens, best first, ties by lower id: a stepper that
+    # can select them where it computes them (the ONNX engine: a TopK node after the projection)
+    # spares the search a scan of the whole vocabulary per hypothesis.
+
     def reorder(self, rows: np.ndarray) -> None:
         """Keep (and repeat) the stepper's rows `rows`, int64 indices into its current batch."""
 
@@ -60,17 +65,47 @@ def _banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
     return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix]
 
 
-def _masked(log_probs: np.ndarray, beams: list[_Beam], *, eos_id: int, banned: np.ndarray,
-            min_new_tokens: int, no_repeat_ngram_size: int) -> np.ndarray:
-    scores = np.array(log_probs, dtype=np.float32, copy=True)
-    if banned.size:
-        scores[:, banned] = NEG_INF
-    for i, beam in enumerate(beams):
-        if len(beam.token_ids) < min_new_tokens:
-            scores[i, eos_id] = NEG_INF
-        if no_repeat_ngram_size:
-            scores[i, _banned_ngram_tokens(beam.token_ids, no_repeat_ngram_size)] = NEG_INF
-    return scores
+def top_candidates(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest log-probs and their ids, best first, ties by lower id (ONNX TopK's
+    order, and what an argmax over the whole row picks first)."""
+    rows, vocab = log_probs.shape
+    k = min(k, vocab)
+    ids = np.argpartition(-log_probs, k - 1, axis=1)[:, :k] if k < vocab else np.broadcast_to(np.arange(vocab), (rows, vocab))
+    values = np.take_along_axis(log_probs, ids, axis=1)
+    order = np.lexsort((ids, -values), axis=1)
+    ids, values = np.take_along_axis(ids, order, axis=1), np.take_along_axis(values, order, axis=1)
+    if k < vocab:  # a tie across the k-th place: argpartition kept any of the tied ids, not the lowest
+        last = values[:, -1:]
+        straddle = np.flatnonzero((log_probs == last).sum(axis=1) > (values == last).sum(axis=1))
+        for r in straddle:
+            best = np.argsort(-log_probs[r], kind="stable")[:k]
+            ids[r], values[r] = best, log_probs[r, best]
+    return values.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+class _Candidates:
+    """Each live hypothesis' best tokens this step, with what the search forbids masked to -inf."""
+
+    def __init__(self, stepper: Stepper, tokens, threshold, beams: list[_Beam], need: int, *, eos_id: int,
+                 banned: np.ndarray, min_new_tokens: int, no_repeat_ngram_size: int):
+        ngram_bans = [_banned_ngram_tokens(b.token_ids, no_repeat_ngram_size) if no_repeat_ngram_size else []
+                      for b in beams]
+        # Enough that, with every forbidden token among the best, `need` allowed ones are left.
+        k = need + banned.size + 1 + max((len(b) for b in ngram_bans), default=0)
+        if hasattr(stepper, "step_top"):
+            values, ids, self.exit_layer = stepper.step_top(tokens, threshold, k)
+        else:
+            log_probs, self.exit_layer = stepper.step(tokens, threshold)
+            values, ids = top_candidates(log_probs, k)
+        values = np.array(values, dtype=np.float32, copy=True)
+        if banned.size:
+            values[np.isin(ids, banned)] = NEG_INF
+        for i, beam in enumerate(beams):
+            if len(beam.token_ids) < min_new_tokens:
+                values[i, ids[i] == eos_id] = NEG_INF
+            if ngram_bans[i]:
+                values[i, np.isin(ids[i], ngram_bans[i])] = NEG_INF
+        self.values, self.ids = values, ids
 
 
 def generate(stepper: Stepper, rows: int, *, bos_id: int, eos_id: int, max_new_tokens: np.ndarray,
@@ -106,14 +141,14 @@ def _greedy(stepper, rows, bos_id, max_new_tokens, threshold, num_beams, length_
     live = [live[i] for i in keep]
     tokens = np.full(len(live), bos_id, dtype=np.int64)
     while live:
-        log_probs, exit_layer = stepper.step(tokens, threshold[[b.row for b in live]])
-        scores = _masked(log_probs, live, **options)
-        chosen = scores.argmax(axis=1)
+        found = _Candidates(stepper, tokens, threshold[[b.row for b in live]], live, 1, **options)
+        best = found.values.argmax(axis=1)  # the first of equal values: the lowest id
+        chosen = found.ids[np.arange(len(live)), best]
         going = []
         for i, beam in enumerate(live):
             token = int(chosen[i])
-            beam.exit_layers.append(int(exit_layer[i]))
-            beam.log_prob += float(scores[i, token])
+            beam.exit_layers.append(int(found.exit_layer[i]))
+            beam.log_prob += float(found.values[i, best[i]])
             if token != options["eos_id"]:
                 beam.token_ids.append(token)
             if token == options["eos_id"] or len(beam.token_ids) >= max_new_tokens[beam.row]:
@@ -159,9 +194,8 @@ def _beam_search(stepper, rows, bos_id, max_new_tokens, threshold, num_beams, le
     _drop(stepper, np.array([b.row for b in live], dtype=np.int64), rows)
     tokens = np.full(len(live), bos_id, dtype=np.int64)
     while live:
-        log_probs, exit_layer = stepper.step(tokens, threshold[[b.row for b in live]])
-        scores = _masked(log_probs, live, **options)
-        vocab = scores.shape[1]
+        found = _Candidates(stepper, tokens, threshold[[b.row for b in live]], live, 2 * num_beams, **options)
+        exit_layer, per_beam = found.exit_layer, found.ids.shape[1]
         sources, next_live, next_tokens = [], [], []
         start = 0
         while start < len(live):  # the beams of one row are contiguous
@@ -170,10 +204,10 @@ def _beam_search(stepper, rows, bos_id, max_new_tokens, threshold, num_beams, le
             while end < len(live) and live[end].row == row:
                 end += 1
             totals = (np.array([b.log_prob for b in live[start:end]], dtype=np.float32)[:, None]
-                      + scores[start:end]).ravel()
-            count = min(2 * num_beams, totals.size)
-            top = np.argpartition(-totals, count - 1)[:count]
-            top = top[np.lexsort((top, -totals[top]))]  # best first, ties by index
+                      + found.values[start:end]).ravel()
+            # HF's order over the row's beams x vocabulary: best first, ties by beam, then token id.
+            beam_of = np.repeat(np.arange(end - start), per_beam)
+            top = np.lexsort((found.ids[start:end].ravel(), beam_of, -totals))[:min(2 * num_beams, totals.size)]
             length = len(live[start].exit_layers) + 1  # after this step, the same for the row's beams
             last = length >= max_new_tokens[row]  # every candidate ends here, with eos or without
             kept = []
@@ -181,8 +215,8 @@ def _beam_search(stepper, rows, bos_id, max_new_tokens, threshold, num_beams, le
                 total = float(totals[index])
                 if total == -np.inf:
                     break
-                source = start + int(index) // vocab
-                beam, token = live[source], int(index % vocab)
+                source = start + int(index) // per_beam
+                beam, token = live[source], int(found.ids[start:end].ravel()[index])
                 layers = [*beam.exit_layers, int(exit_layer[source])]
                 if token == eos_id or last:
                     if rank < num_beams:  # HF: a candidate below the top num_beams does not end

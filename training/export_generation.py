@@ -198,6 +198,7 @@ def export_generation(model: Seq2SeqStudent, out_dir: Path, weights: str = "fp32
                 {"hidden": by_rows, "key": by_rows, "value": by_rows})
     _export(_Projection(model), (hidden,), out_dir / PROJECTION_FILE, ["exit_hidden"], ["log_probs"],
             {"exit_hidden": by_rows, "log_probs": by_rows})
+    add_top_tokens(out_dir / PROJECTION_FILE)
     graphs = dict(encoder=ENCODER_FILE, cross_kv=CROSS_KV_FILE, embed=EMBED_FILE,
                   layers=[layer_file(i) for i in range(layers)], kv_fill=[kv_file(i) for i in range(layers)],
                   projection=PROJECTION_FILE)
@@ -205,6 +206,24 @@ def export_generation(model: Seq2SeqStudent, out_dir: Path, weights: str = "fp32
         for name in (ENCODER_FILE, CROSS_KV_FILE, EMBED_FILE, PROJECTION_FILE, *graphs["layers"], *graphs["kv_fill"]):
             store_fp16(out_dir / name, fp16_min_elements)
     return graphs
+
+
+def add_top_tokens(path: Path) -> None:
+    """The projection graph gets an input k and a TopK over its log-probs: top_log_probs and
+    top_ids [rows, k], best first, ties by lower id, so the search reads a few candidates per
+    hypothesis instead of scanning the vocabulary (app/search.py step_top)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+    graph.node.append(helper.make_node("TopK", ["log_probs", "k"], ["top_log_probs", "top_ids"], axis=-1,
+                                       largest=1, sorted=1, name="top_tokens"))
+    graph.output.extend([helper.make_tensor_value_info("top_log_probs", TensorProto.FLOAT, ["rows", "k"]),
+                         helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["rows", "k"])])
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(path))
 
 
 def _random_sources(cfg, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

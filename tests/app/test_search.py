@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.search import Hypothesis, _beam_search, generate
+from app.search import Hypothesis, _beam_search, generate, top_candidates
 
 BOS, EOS, PAD = 1, 2, 0
 VOCAB = 12
@@ -74,6 +74,20 @@ def run(sources, num_beams=1, max_new=6, threshold=0.0, function=table_log_probs
 
 def eos_biased(bias):
     return lambda source, prefix: table_log_probs(source, prefix, bias)
+
+
+def test_top_candidates_are_the_best_in_order_with_ties_by_lower_id():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5, 40)).astype(np.float32)
+    scores[1, [3, 9, 17, 30]] = 5.0  # a tie across the k-th place: the lowest ids are kept
+    scores[2, :] = 0.0
+    scores[3, [4, 8]] = -np.inf
+    for k in (1, 3, 40, 50):
+        values, ids = top_candidates(scores, k)
+        order = np.lexsort((np.broadcast_to(np.arange(40), scores.shape), -scores), axis=1)[:, :min(k, 40)]
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_array_equal(values, np.take_along_axis(scores, order, axis=1))
+    assert list(top_candidates(scores, 3)[1][1]) == [3, 9, 17] and list(top_candidates(scores, 2)[1][2]) == [0, 1]
 
 
 def test_greedy_matches_a_hand_written_greedy():

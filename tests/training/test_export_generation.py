@@ -4,6 +4,7 @@ their agreement with PyTorch token by token through the caches (fp32, and fp16-s
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import onnx
@@ -62,7 +63,39 @@ def test_graphs_have_the_specs_names_and_dynamic_axes(bundle, model):
     inputs, outputs = io(bundle / spec.kv_fill[2])
     assert inputs == {"hidden": ["rows", cfg.d_model]} and outputs == {"key": cache(1), "value": cache(1)}
     inputs, outputs = io(bundle / spec.projection)
-    assert inputs == {"exit_hidden": ["rows", cfg.d_model]} and outputs == {"log_probs": ["rows", cfg.vocab_size]}
+    assert inputs == {"exit_hidden": ["rows", cfg.d_model], "k": [1]}
+    assert outputs == {"log_probs": ["rows", cfg.vocab_size], "top_log_probs": ["rows", "k"], "top_ids": ["rows", "k"]}
+
+
+def test_the_projection_selects_the_top_tokens_as_the_search_would(bundle, tmp_path):
+    """The graph's TopK against app/search.py top_candidates over its own log-probs: the same ids
+    in the same order (ties by lower id), and a bundle without the TopK selects the same in numpy."""
+    from app.search import top_candidates
+
+    spec = read_manifest(bundle).generation
+    graphs = DecoderGraphs(bundle, spec)
+    hidden = np.random.default_rng(0).normal(size=(6, read_manifest(bundle).hidden_size)).astype(np.float32)
+    hidden[3] = hidden[2]  # equal rows: equal values, the same order
+    log_probs = graphs.project(hidden)
+    for k in (1, 5, spec.vocab_size + 3):
+        values, ids = graphs.top_tokens(hidden, k)
+        expected_values, expected_ids = top_candidates(log_probs, k)
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_allclose(values, expected_values, atol=1e-6)
+        assert ids.shape == (6, min(k, spec.vocab_size)) and (np.diff(values, axis=1) <= 0).all()
+    # A bundle made before the TopK: its projection has exit_hidden in and log_probs out only.
+    older = tmp_path / "older"
+    shutil.copytree(bundle, older)
+    graph_model = onnx.load(str(older / spec.projection))
+    g = graph_model.graph
+    g.node.remove(next(n for n in g.node if n.op_type == "TopK"))
+    g.input.remove(next(i for i in g.input if i.name == "k"))
+    for name in ("top_log_probs", "top_ids"):
+        g.output.remove(next(o for o in g.output if o.name == name))
+    onnx.save(graph_model, str(older / spec.projection))
+    old = DecoderGraphs(older, spec)
+    np.testing.assert_array_equal(old.project(hidden), log_probs)
+    np.testing.assert_array_equal(old.top_tokens(hidden, 5)[1], graphs.top_tokens(hidden, 5)[1])
 
 
 def test_onnx_matches_pytorch_token_by_token_with_the_cache(bundle, model):
