@@ -187,6 +187,7 @@ class OnnxStepper:
         self.cross_key = [np.ascontiguousarray(cross_key[i]) for i in range(layers)]
         self.cross_value = [np.ascontiguousarray(cross_value[i]) for i in range(layers)]
         self.attention_mask = attention_mask
+        self.row_source = np.arange(rows)  # which source each row decodes (its cross K/V)
         empty = np.zeros((rows, heads, 0, head_dim), dtype=np.float32)
         self.keys, self.values = [empty] * layers, [empty] * layers
         self.length = 0
@@ -195,9 +196,17 @@ class OnnxStepper:
         self.layers_s = 0.0  # wall time in the decoder layers and cache fills, all steps
 
     def reorder(self, rows: np.ndarray) -> None:
-        for cache in (self.keys, self.values, self.cross_key, self.cross_value):
+        for cache in (self.keys, self.values):
             cache[:] = [c[rows] for c in cache]
-        self.attention_mask = self.attention_mask[rows]
+        sources = self.row_source[rows]
+        # Beam search mostly reorders beams within their sources: every row keeps a source's
+        # cross-attention keys and values, identical for all its beams, so they need no copy
+        # (about half the bytes a reorder moved) unless the sources row by row change.
+        if not np.array_equal(sources, self.row_source):
+            for cache in (self.cross_key, self.cross_value):
+                cache[:] = [c[rows] for c in cache]
+            self.attention_mask = self.attention_mask[rows]
+        self.row_source = sources
 
     def step(self, tokens: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         exit_hidden, exit_layer = self._decode(tokens, threshold)

@@ -98,8 +98,8 @@ def test_onnx_stepper_matches_incremental_decoder_token_by_token(engine, model, 
     thresholds = np.full(rows, threshold, dtype=np.float32)
     exits = []
     for step in range(7):
-        if step == 3:  # beams reorder: keep and repeat some rows
-            keep = np.array([5, 0, 0, 7, 2], dtype=np.int64)
+        if step in (3, 5):  # beams reorder: keep and repeat some rows; then swap two of one source
+            keep = np.array([5, 0, 0, 7, 2] if step == 3 else [0, 2, 1, 3, 4], dtype=np.int64)
             onnx.reorder(keep)
             reference.reorder(keep)
             thresholds = thresholds[keep]
