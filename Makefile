@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED ?= ../shared/data/glue
 
-.PHONY: serve test model bench demo-model clean
+.PHONY: serve test model generation-model bench demo-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(VENV)/.dev-installed
 # The shipped default model, from scratch (recipe: recipes/sst2-minilm.toml; see its model card).
 model: $(VENV)/.dev-installed
 	bash recipes/sst2-minilm.sh
+
+# The shipped generation bundle, from scratch (recipes/gigaword-cmlm.sh; docs/generation.md).
+generation-model: $(VENV)/.dev-installed
+	bash recipes/gigaword-cmlm.sh
 
 # Only when models/ is empty: a small FastBERT bundle on 2,000 SST-2 rows (a few minutes).
 demo-model: $(VENV)/.dev-installed
