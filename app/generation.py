@@ -168,11 +168,11 @@ class DecoderGraphs:
 
 # A layer runs on a compacted batch (the rows still going, gathered) only when at most this
 # fraction of the step's rows still go. Gathering a row's caches (its self-attention keys and
-# values so far, and the cross-attention keys and values of its source) copies about as many
-# bytes as the layer computes on, so a batch compacted by a little costs more than the full one;
-# below this fraction the layer runs on all rows, the results of those that left are dropped and
-# their cache entries filled in place (what IncrementalDecoder does). Measured on the shipped
-# bundle: bench/generation_exits.py.
+# values so far, and the cross-attention keys and values of its source) copies, by estimate,
+# about as many bytes as the layer computes on, so a batch compacted by a little would cost more
+# than the full one; above this fraction the layer runs on all rows, the results of those that
+# left are dropped and their cache entries filled in place (what IncrementalDecoder does). 0.5 is
+# that estimate, not yet measured on a quiet machine: bench/generation_exits.py sweeps it.
 COMPACT_BELOW = 0.5
 
 

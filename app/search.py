@@ -206,8 +206,8 @@ def _beam_search(stepper, rows, bos_id, max_new_tokens, threshold, num_beams, le
             totals = (np.array([b.log_prob for b in live[start:end]], dtype=np.float32)[:, None]
                       + found.values[start:end]).ravel()
             # HF's order over the row's beams x vocabulary: best first, ties by beam, then token id.
-            beam_of = np.repeat(np.arange(end - start), per_beam)
-            top = np.lexsort((found.ids[start:end].ravel(), beam_of, -totals))[:min(2 * num_beams, totals.size)]
+            beam_of, token_of = np.repeat(np.arange(end - start), per_beam), found.ids[start:end].ravel()
+            top = np.lexsort((token_of, beam_of, -totals))[:min(2 * num_beams, totals.size)]
             length = len(live[start].exit_layers) + 1  # after this step, the same for the row's beams
             last = length >= max_new_tokens[row]  # every candidate ends here, with eos or without
             kept = []
@@ -216,7 +216,7 @@ def _beam_search(stepper, rows, bos_id, max_new_tokens, threshold, num_beams, le
                 if total == -np.inf:
                     break
                 source = start + int(index) // per_beam
-                beam, token = live[source], int(found.ids[start:end].ravel()[index])
+                beam, token = live[source], int(token_of[index])
                 layers = [*beam.exit_layers, int(exit_layer[source])]
                 if token == eos_id or last:
                     if rank < num_beams:  # HF: a candidate below the top num_beams does not end
