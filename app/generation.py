@@ -127,6 +127,7 @@ class DecoderGraphs:
         self._selects = "k" in {i.name for i in self._projection.get_inputs()}
         self.vocab_size = spec.vocab_size
         self._kv_fill = [session(name) for name in spec.kv_fill]
+        self._kv_fill_from = [session(name) for name in spec.kv_fill_from] if spec.kv_fill_from else None
         self.active_provider = self._encoder.get_providers()[0]
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -148,6 +149,15 @@ class DecoderGraphs:
     def kv_fill(self, index: int, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key, value = self._kv_fill[index].run(None, {"hidden": hidden})
         return key, value
+
+    def kv_fill_from(self, first: int, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The entries of layers first, first+1, ... [layers - first, rows, heads, 1, head_dim]: one
+        call where the bundle has kv_fill_from, else one kv_fill call a layer."""
+        if self._kv_fill_from is not None:
+            key, value = self._kv_fill_from[first].run(None, {"hidden": hidden})
+            return key, value
+        pairs = [self.kv_fill(i, hidden) for i in range(first, len(self._kv_fill))]
+        return np.stack([k for k, _ in pairs]), np.stack([v for _, v in pairs])
 
     def project(self, exit_hidden: np.ndarray) -> np.ndarray:
         feeds = {"exit_hidden": exit_hidden}
@@ -224,51 +234,66 @@ class OnnxStepper:
         exit_layer = np.full(n, self.layers, dtype=np.int64)
         going = np.arange(n)
         started = time.perf_counter()
-        left, left_states = np.zeros(0, dtype=np.int64), hidden[:0]  # rows that left, and what they left with
+        # Rows that left keep in `hidden` the state they left with. On a full batch that is all
+        # a layer needs to make their cache entries (decoder_kv_NN computes them from it, as the
+        # layer does). Once the batch is compacted, `fills` holds every left row's entries of the
+        # layers after it left, one kv_fill_from call per group of rows that leave together.
+        left = np.zeros(0, dtype=np.int64)
+        fills: tuple[np.ndarray, np.ndarray] | None = None
         for i in range(self.layers):
+            compact = left.size > 0 and going.size <= self.compact_below * n
+            if compact and fills is None:
+                fills = self._fills(n, i, left, hidden[left])
             if not going.size:  # every row has left: only the cache entries of this layer
-                self.keys[i], self.values[i] = self._filled(i, left, left_states)
+                self.keys[i] = np.concatenate([self.keys[i], fills[0][i]], axis=2)
+                self.values[i] = np.concatenate([self.values[i], fills[1][i]], axis=2)
                 continue
-            if left.size and going.size <= self.compact_below * n:
+            if compact:
                 out, key, value, normed, uncertainty = g.layer(
                     i, hidden[going], self.keys[i][going], self.values[i][going], self.cross_key[i][going],
                     self.cross_value[i][going], self.attention_mask[going])
                 self.layers_run += going.size
-                fill_key, fill_value = g.kv_fill(i, left_states)
-                self.keys[i] = self._merged(self.keys[i], going, key, left, fill_key)
-                self.values[i] = self._merged(self.values[i], going, value, left, fill_value)
+                self.keys[i] = self._merged(self.keys[i], going, key, left, fills[0][i])
+                self.values[i] = self._merged(self.values[i], going, value, left, fills[1][i])
                 hidden[going] = out
-            else:  # every row runs the layer; those that left keep the entries of the state they left with
-                out, key, value, normed_all, uncertainty_all = g.layer(
+            else:  # every row runs the layer: those that left on their state, for its cache entries
+                out, self.keys[i], self.values[i], normed, uncertainty = g.layer(
                     i, hidden, self.keys[i], self.values[i], self.cross_key[i], self.cross_value[i],
                     self.attention_mask)
                 self.layers_run += n
                 if left.size:
-                    fill_key, fill_value = g.kv_fill(i, left_states)
-                    key[left, :, t:], value[left, :, t:] = fill_key, fill_value
-                    hidden[going] = out[going]
-                    normed, uncertainty = normed_all[going], uncertainty_all[going]
+                    hidden[going], normed, uncertainty = out[going], normed[going], uncertainty[going]
                 else:
-                    hidden, normed, uncertainty = out, normed_all, uncertainty_all
-                self.keys[i], self.values[i] = key, value
-            leave = (uncertainty < threshold[going]) if i < self.layers - 1 else np.ones(going.size, dtype=bool)
+                    hidden = out
+            if i == self.layers - 1:
+                exit_hidden[going] = normed
+                break
+            leave = uncertainty < threshold[going]
             if leave.any():
-                exit_hidden[going[leave]] = normed[leave]
-                exit_layer[going[leave]] = i + 1
-                left = np.concatenate([left, going[leave]])
-                left_states = np.concatenate([left_states, hidden[going[leave]]])
-            going = going[~leave]
+                leaving = going[leave]
+                exit_hidden[leaving] = normed[leave]
+                exit_layer[leaving] = i + 1
+                left = np.concatenate([left, leaving])
+                if fills is not None:
+                    self._fill(fills, i + 1, leaving, hidden[leaving])
+                going = going[~leave]
         self.length += 1
         self.layers_needed += int(exit_layer.sum())
         self.layers_s += time.perf_counter() - started
         return exit_hidden, exit_layer
 
-    def _filled(self, index: int, left: np.ndarray, left_states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Layer `index`'s cache when no row ran it: every new entry from the state its row left with."""
-        fill_key, fill_value = self.graphs.kv_fill(index, left_states)
-        order = np.argsort(left)  # left lists the rows in the order they left; the cache in row order
-        return (np.concatenate([self.keys[index], fill_key[order]], axis=2),
-                np.concatenate([self.values[index], fill_value[order]], axis=2))
+    def _fills(self, n: int, first: int, rows: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cache entries of layers `first`.. for rows that left ([layers, n, heads, 1, head_dim],
+        layer by row; only the rows that left are ever read)."""
+        _, heads, _, head_dim = self.keys[0].shape
+        shape = (self.layers, n, heads, 1, head_dim)
+        fills = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+        self._fill(fills, first, rows, states)
+        return fills
+
+    def _fill(self, fills, first: int, rows: np.ndarray, states: np.ndarray) -> None:
+        key, value = self.graphs.kv_fill_from(first, states)
+        fills[0][first:, rows], fills[1][first:, rows] = key, value
 
     @staticmethod
     def _merged(past, going, present, left, fill) -> np.ndarray:
@@ -278,7 +303,7 @@ class OnnxStepper:
         cache = np.empty((rows, heads, t + 1, head_dim), dtype=np.float32)
         cache[going] = present
         cache[left, :, :t] = past[left]
-        cache[left, :, t:] = fill
+        cache[left, :, t:] = fill[left]
         return cache
 
 

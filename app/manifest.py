@@ -207,6 +207,9 @@ class GenerationSpec(BaseModel):
                    exit_hidden [rows, d] (the exit's normalised state), exit_uncertainty [rows]
     kv_fill[i]: (hidden [rows, d]) -> key, value [rows, heads, 1, head_dim]: layer i's self-attention
                 entries computed from a state that left before layer i (CALM state propagation)
+    kv_fill_from[j]: (hidden [rows, d]) -> key, value [layers - j, rows, heads, 1, head_dim]: the
+                entries of layers j, j+1, ... at once, kv_fill[j:] in one graph (one call for all
+                the layers a token skips); bundles made before it have none (kv_fill per layer)
     projection: (exit_hidden [rows, d], k [1] int64) -> log_probs [rows, vocab] (shared by every exit),
                 top_log_probs, top_ids [rows, k] (each row's k best, best first, ties by lower id);
                 bundles made before the TopK have exit_hidden in and log_probs out only
@@ -218,6 +221,7 @@ class GenerationSpec(BaseModel):
     embed: str
     layers: list[str] = Field(min_length=1)
     kv_fill: list[str] = Field(min_length=1)
+    kv_fill_from: list[str] | None = None
     projection: str
     num_encoder_layers: int = Field(ge=1)
     num_heads: int = Field(ge=1)
@@ -237,7 +241,8 @@ class GenerationSpec(BaseModel):
     full_depth: GenerationPoint | None = None  # dev ROUGE at threshold 0
 
     def files(self) -> set[str]:
-        return {self.encoder, self.cross_kv, self.embed, *self.layers, *self.kv_fill, self.projection}
+        return {self.encoder, self.cross_kv, self.embed, *self.layers, *self.kv_fill, *(self.kv_fill_from or ()),
+                self.projection}
 
 
 class QuantizationReport(BaseModel):
@@ -323,6 +328,9 @@ class Manifest(BaseModel):
         if not (len(g.layers) == len(g.kv_fill) == self.num_layers):
             raise ValueError(f"num_layers is {self.num_layers} but generation lists {len(g.layers)} layers "
                              f"and {len(g.kv_fill)} kv_fill graphs")
+        if g.kv_fill_from is not None and len(g.kv_fill_from) != self.num_layers:
+            raise ValueError(f"num_layers is {self.num_layers} but generation lists {len(g.kv_fill_from)} "
+                             "kv_fill_from graphs")
         missing = sorted((g.files() | {self.tokenizer}) - {f.path for f in self.files})
         if missing:
             raise ValueError(f"files does not list {missing}")

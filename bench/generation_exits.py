@@ -30,7 +30,8 @@ def floats(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",") if x.strip()]
 
 
-def measure(engine: GenerationEngine, pairs, thresholds, compacts, repeats: int, batch_size: int) -> list[dict]:
+def measure(engine: GenerationEngine, pairs, thresholds, compacts, repeats: int, batch_size: int,
+            num_beams: int | None = None) -> list[dict]:
     sources, refs = [p.source for p in pairs], references(pairs)
     spec = engine.spec
     runs: dict[tuple[float, float], list[tuple[float, float]]] = {}
@@ -40,7 +41,8 @@ def measure(engine: GenerationEngine, pairs, thresholds, compacts, repeats: int,
         for t in thresholds:
             for c in compacts:
                 engine.compact_below = c
-                out, mean_layers, seconds, decoder_s = run_engine(engine, engine.encoder, sources, t, spec, batch_size)
+                out, mean_layers, seconds, decoder_s = run_engine(engine, engine.encoder, sources, t, spec, batch_size,
+                                                                    num_beams)
                 runs.setdefault((t, c), []).append((decoder_s, seconds))
                 if texts.setdefault((t, c), out) != out:
                     raise RuntimeError(f"threshold {t}, compact_below {c}: the outputs changed between repeats")
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compact-below", type=floats, default=[0.0, 0.5, 1.0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-beams", type=int, default=None, help="beam width (default: the bundle's; 1 = greedy)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = GenerationEngine(args.bundle, read_manifest(args.bundle), intra_op_threads=args.threads)
     engine.warm_up()
     rows = measure(engine, read_pairs(args.data, args.limit), args.thresholds, args.compact_below, args.repeats,
-                   args.batch_size)
+                   args.batch_size, args.num_beams)
     print("| threshold | compact below | ROUGE-L | decoder layers / token | decoder s | decoder speed-up "
           "| whole call s | whole speed-up |")
     print("|---|---|---|---|---|---|---|---|")
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"bundle": str(args.bundle), "pairs": args.limit, "repeats": args.repeats,
+                                         "batch_size": args.batch_size, "num_beams": args.num_beams or engine.spec.num_beams,
                                          "rows": rows}, indent=2) + "\n")
 
 

@@ -41,6 +41,10 @@ def kv_file(index: int) -> str:
     return f"decoder_kv_{index + 1:02d}.onnx"
 
 
+def kv_from_file(index: int) -> str:
+    return f"decoder_kv_from_{index + 1:02d}.onnx"
+
+
 class _Encoder(nn.Module):
     def __init__(self, model: Seq2SeqStudent):
         super().__init__()
@@ -205,7 +209,47 @@ def export_generation(model: Seq2SeqStudent, out_dir: Path, weights: str = "fp32
     if weights == "fp16":
         for name in (ENCODER_FILE, CROSS_KV_FILE, EMBED_FILE, PROJECTION_FILE, *graphs["layers"], *graphs["kv_fill"]):
             store_fp16(out_dir / name, fp16_min_elements)
+    graphs["kv_fill_from"] = write_kv_fill_from(out_dir, graphs["kv_fill"])
     return graphs
+
+
+def write_kv_fill_from(out_dir: Path, kv_fill: list[str]) -> list[str]:
+    """GenerationSpec's kv_fill_from, written beside the kv_fill graphs they are made of: graph j
+    holds kv_fill[j:] side by side, on one input, their keys and values stacked, so a token that
+    leaves costs one call for all the layers it skips rather than one call a layer. The nodes are
+    the kv_fill graphs' own, renamed, so the entries are the same numbers."""
+    import onnx
+    from onnx import compose, helper, numpy_helper
+
+    parts = [onnx.load(str(Path(out_dir) / name)) for name in kv_fill]
+    written = []
+    for first in range(len(parts)):
+        nodes, initializers, stacked = [], [numpy_helper.from_array(np.array([0], dtype=np.int64), "axis_0")], {}
+        for i in range(first, len(parts)):
+            part = compose.add_prefix(parts[i], f"layer_{i + 1}/")
+            for node in part.graph.node:
+                node.input[:] = ["hidden" if name == f"layer_{i + 1}/hidden" else name for name in node.input]
+            nodes.extend(part.graph.node)
+            initializers.extend(part.graph.initializer)
+            for output in ("key", "value"):
+                name = f"layer_{i + 1}/{output}"
+                nodes.append(helper.make_node("Unsqueeze", [name, "axis_0"], [name + "_stacked"]))
+                stacked.setdefault(output, []).append(name + "_stacked")
+        for output, names in stacked.items():
+            nodes.append(helper.make_node("Concat", names, [output], axis=0))
+        source = parts[first].graph
+        outputs = []
+        for out in source.output:
+            dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+            outputs.append(helper.make_tensor_value_info(out.name, out.type.tensor_type.elem_type,
+                                                         [len(parts) - first, *dims]))
+        graph = helper.make_graph(nodes, f"kv_fill_from_{first + 1}", list(source.input), outputs, initializers)
+        joined = helper.make_model(graph, opset_imports=list(parts[first].opset_import))
+        joined.ir_version = parts[first].ir_version
+        onnx.checker.check_model(joined)
+        onnx.save(joined, str(Path(out_dir) / kv_from_file(first)))
+        written.append(kv_from_file(first))
+    return written
 
 
 def add_top_tokens(path: Path) -> None:
@@ -294,3 +338,21 @@ def verify_generation(model: Seq2SeqStudent, bundle_dir: Path, spec: GenerationS
              ", ".join(f"{w:.2e}" for w in worst))
     return Verification(passed=passed, tolerance=tolerance, max_abs_logit_diff=per_layer,
                         inputs=[f"random: {rows} ragged sources, {steps} cached decoder steps"])
+
+
+def add_kv_fill_from(bundle_dir: Path) -> list[str]:
+    """A bundle made before kv_fill_from gets it, from its own kv_fill graphs, in its manifest and
+    file list (python -c "from training.export_generation import add_kv_fill_from; add_kv_fill_from(...)")."""
+    from app.manifest import describe_file, read_manifest, write_manifest
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    if manifest.generation is None:
+        raise ValueError(f"{bundle_dir}: not a generation bundle")
+    names = write_kv_fill_from(bundle_dir, manifest.generation.kv_fill)
+    files = [f for f in manifest.files if f.path not in names] + [describe_file(bundle_dir, n) for n in names]
+    write_manifest(bundle_dir, manifest.model_copy(update={
+        "generation": manifest.generation.model_copy(update={"kv_fill_from": names}),
+        "files": sorted(files, key=lambda f: f.path)}))
+    read_manifest(bundle_dir)  # validates what was written
+    return names

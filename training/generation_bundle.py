@@ -39,16 +39,17 @@ def _record(prefix: Path, rows: int) -> DataFileRecord:
 
 
 def run_engine(engine, encoder, sources: list[str], threshold: float, spec: GenerationSpec,
-               batch_size: int = 32) -> tuple[list[str], float, float]:
+               batch_size: int = 32, num_beams: int | None = None) -> tuple[list[str], float, float, float]:
     """(texts, mean decoder layers per token, wall seconds, seconds in the decoder layers) of the
-    ONNX engine over `sources`."""
+    ONNX engine over `sources` (beams: the bundle's default unless given)."""
+    beams = spec.num_beams if num_beams is None else num_beams
     texts, layers, tokens, seconds, decoder_s = [], 0, 0, 0.0, 0.0
     for start in range(0, len(sources), batch_size):
         batch = encoder.encode(sources[start:start + batch_size])
         rows = batch.rows
         t0 = time.perf_counter()
         out = engine.generate(batch, max_new_tokens=np.full(rows, spec.max_new_tokens, dtype=np.int64),
-                              num_beams=np.full(rows, spec.num_beams, dtype=np.int64),
+                              num_beams=np.full(rows, beams, dtype=np.int64),
                               threshold=np.full(rows, threshold, dtype=np.float32),
                               no_repeat_ngram_size=np.full(rows, spec.no_repeat_ngram_size, dtype=np.int64))
         seconds += time.perf_counter() - t0

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from app.generation import DecoderGraphs
-from app.manifest import read_manifest
+from app.manifest import read_manifest, write_manifest
 from tests.tiny import tiny_generation_bundle_dir, tiny_generation_model, tiny_generation_tokenizer
-from training.export_generation import export_generation, round_weights_to_fp16, verify_generation
+from training.export_generation import add_kv_fill_from, export_generation, round_weights_to_fp16, verify_generation
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,10 @@ def test_graphs_have_the_specs_names_and_dynamic_axes(bundle, model):
                        "exit_uncertainty": ["rows"]}
     inputs, outputs = io(bundle / spec.kv_fill[2])
     assert inputs == {"hidden": ["rows", cfg.d_model]} and outputs == {"key": cache(1), "value": cache(1)}
+    assert spec.kv_fill_from == [f"decoder_kv_from_{i:02d}.onnx" for i in (1, 2, 3)]
+    inputs, outputs = io(bundle / spec.kv_fill_from[1])
+    stacked = [2, "rows", cfg.num_heads, 1, cfg.head_dim]  # layers 2 and 3 of 3
+    assert inputs == {"hidden": ["rows", cfg.d_model]} and outputs == {"key": stacked, "value": stacked}
     inputs, outputs = io(bundle / spec.projection)
     assert inputs == {"exit_hidden": ["rows", cfg.d_model], "k": [1]}
     assert outputs == {"log_probs": ["rows", cfg.vocab_size], "top_log_probs": ["rows", "k"], "top_ids": ["rows", "k"]}
@@ -137,7 +141,8 @@ def test_fp16_weights_halve_the_files_and_compute_what_the_rounded_model_does(tm
     spec = read_manifest(bundle).generation
     # the tiny model's matrices are small: a lower bound than a real model's puts most in fp16
     assert export_generation(rounded, half, weights="fp16", fp16_min_elements=512) == \
-        {k: getattr(spec, k) for k in ("encoder", "cross_kv", "embed", "layers", "kv_fill", "projection")}
+        {k: getattr(spec, k) for k in ("encoder", "cross_kv", "embed", "layers", "kv_fill", "kv_fill_from",
+                                                     "projection")}
     fp32_bytes = sum((bundle / f).stat().st_size for f in spec.files())
     fp16_bytes = sum((half / f).stat().st_size for f in spec.files())
     assert fp16_bytes < 0.7 * fp32_bytes
@@ -157,3 +162,35 @@ def test_verification_fails_on_a_model_the_graphs_are_not(bundle, model):
     verification = verify_generation(other, bundle, read_manifest(bundle).generation)
     assert not verification.passed
     assert verification.max_abs_logit_diff[2] > 1e-3 and verification.max_abs_logit_diff[0] < 1e-4
+
+
+def test_kv_fill_from_stacks_the_per_layer_fills_and_older_bundles_can_add_it(tmp_path, bundle, model):
+    spec = read_manifest(bundle).generation
+    hidden = np.random.default_rng(0).standard_normal((5, model.config.d_model)).astype(np.float32)
+    joined, per_layer = DecoderGraphs(bundle, spec), DecoderGraphs(bundle, spec.model_copy(update={"kv_fill_from": None}))
+    for first in range(len(spec.kv_fill)):
+        key, value = joined.kv_fill_from(first, hidden)
+        old_key, old_value = per_layer.kv_fill_from(first, hidden)
+        assert key.shape == (len(spec.kv_fill) - first, 5, *old_key.shape[2:])
+        np.testing.assert_array_equal(key, old_key)
+        np.testing.assert_array_equal(value, old_value)
+    # a bundle written before the field: drop it, then upgrade it in place
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    manifest = read_manifest(old)
+    for name in spec.kv_fill_from:
+        (old / name).unlink()
+    write_manifest(old, manifest.model_copy(update={
+        "generation": spec.model_copy(update={"kv_fill_from": None}),
+        "files": [f for f in manifest.files if f.path not in spec.kv_fill_from]}))
+    assert read_manifest(old).generation.kv_fill_from is None
+    assert add_kv_fill_from(old) == spec.kv_fill_from
+    assert read_manifest(old).generation.kv_fill_from == spec.kv_fill_from
+
+
+def test_kv_fill_from_must_have_one_graph_a_layer(bundle):
+    manifest = read_manifest(bundle)
+    short = manifest.generation.kv_fill_from[:-1]
+    with pytest.raises(ValueError, match="kv_fill_from"):
+        type(manifest).model_validate({**manifest.model_dump(), "generation": {
+            **manifest.generation.model_dump(), "kv_fill_from": short}})
