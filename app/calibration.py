@@ -7,6 +7,7 @@ for its reports. The server itself never imports it.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -138,6 +139,38 @@ def fit_temperature(layer_probs: np.ndarray, labels: np.ndarray) -> float:
         if nll < best_nll:
             best, best_nll = float(t), nll
     return best
+
+
+def hoeffding_bentkus_p(risk: float, n: int, delta: float) -> float:
+    """p-value of "the true mean of a [0, 1] loss exceeds delta" from its mean `risk` on n rows
+    (Bates et al., 2021; the test CALM's Learn-then-Test calibration uses)."""
+    if n == 0 or risk >= delta:
+        return 1.0
+    if risk <= 0.0:
+        kl = -math.log1p(-delta)
+    else:
+        kl = risk * math.log(risk / delta) + (1 - risk) * math.log((1 - risk) / (1 - delta))
+    hoeffding = math.exp(-n * kl)
+    k = math.ceil(n * risk - 1e-9)  # P(Binomial(n, delta) <= k), summed in log space
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+             + i * math.log(delta) + (n - i) * math.log1p(-delta) for i in range(k + 1)]
+    top = max(terms)
+    bentkus = math.e * math.exp(top) * sum(math.exp(t - top) for t in terms)
+    return min(1.0, hoeffding, bentkus)
+
+
+def risk_controlled(thresholds: Sequence[float], losses: np.ndarray, delta: float, epsilon: float) -> int:
+    """Index of the largest threshold certified by fixed-sequence testing (Learn-then-Test, as
+    CALM calibrates): thresholds in ascending order, losses [thresholds, rows] in [0, 1]; each
+    threshold in turn must have p(mean loss > delta) <= epsilon, and the first that fails ends the
+    search. With probability at least 1 - epsilon over the calibration rows, the chosen threshold's
+    expected loss is at most delta. Threshold 0 (full depth, loss 0) is always allowed."""
+    chosen = 0
+    for i in range(1, len(thresholds)):
+        if hoeffding_bentkus_p(float(losses[i].mean()), losses.shape[1], delta) > epsilon:
+            break
+        chosen = i
+    return chosen
 
 
 def recommend(points: list[CalibrationPoint], tolerance_points: float) -> float:

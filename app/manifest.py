@@ -153,6 +153,8 @@ class TaskHead(BaseModel):
     exit_temperatures: list[float] | None = None  # max_prob's, per exit (classification)
     recommended_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     recommended_patience: int | None = None  # regression: its rule's patience
+    # how the recommended setting was chosen (training/export_multitask.py CalibrationRule)
+    calibration_rule: dict[str, str | float | int] | None = None
     calibration: list[CalibrationPoint] = Field(default_factory=list)
     policies: dict[str, PolicyCalibration] = Field(default_factory=dict)
     dev_results: list[TaskLayerResult] = Field(default_factory=list)

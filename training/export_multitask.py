@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.calibration import exit_temperatures, fine_grid
+from app.calibration import exit_temperatures, fine_grid, risk_controlled
 from app.encoding import EncodedBatch, TextEncoder
 from app.manifest import (CalibrationPoint, Graphs, Manifest, PolicyCalibration, Provenance, TaskHead,
                           TaskLayerResult, Verification, describe_file, write_manifest)
@@ -177,28 +178,37 @@ def sweep(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, step: 
     return points
 
 
-def other_policies(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, tolerance_points: float,
+def other_policies(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, rule: CalibrationRule,
                    step: float = 0.01) -> tuple[list[float], dict[str, PolicyCalibration]]:
     """A classification task's exit temperatures and its max_prob and patience tables, each with
-    its recommended setting (the same rule as entropy's, on the task's metric)."""
+    its recommended setting (the same rule as entropy's)."""
     probs = softmax(layer_outputs)
     layers = probs.shape[0]
     temperatures = exit_temperatures(probs, targets)
+    grid = fine_grid(step)
     max_prob = []
-    for threshold in fine_grid(step):
+    for threshold in grid:
         exit_layer, final = simulate_exits(probs, threshold, policy=MAX_PROB, temperatures=temperatures)
         max_prob.append(_point(part, layers, exit_layer, final, probs[-1], targets, threshold, None))
-    patience = []
-    for count in range(1, layers):
+    max_prob_losses = drop_losses(probs, targets, grid, MAX_PROB, temperatures)
+    policies = {"max_prob": PolicyCalibration(points=max_prob,
+                                              recommended_threshold=rule.choose(max_prob, max_prob_losses).threshold)}
+    patience, patience_losses = [], []
+    right = probs[-1].argmax(-1) == targets
+    for count in range(layers - 1, 0, -1):  # the most cautious first
         exit_layer, final = simulate_exits(probs, 0.0, policy=PATIENCE, patience=count)
         patience.append(_point(part, layers, exit_layer, final, probs[-1], targets, None, count))
-    policies = {"max_prob": PolicyCalibration(points=max_prob,
-                                              recommended_threshold=recommend(max_prob, tolerance_points).threshold)}
+        patience_losses.append((right & (final.argmax(-1) != targets)).astype(np.float64))
     if patience:
         full = _point(part, layers, np.full(probs.shape[1], layers), probs[-1], probs[-1], targets, 0.0, None)
-        fitting = [p for p in patience if (full.metric - p.metric) * 100 <= tolerance_points + 1e-9]
-        policies["patience"] = PolicyCalibration(
-            points=patience, recommended_patience=min(p.patience for p in fitting) if fitting else None)
+        if rule.kind == "risk":  # full depth first, the always-allowed setting
+            losses = np.stack([np.zeros(len(targets)), *patience_losses])
+            chosen = rule.choose([full, *patience], losses).patience
+        else:
+            fitting = [p.patience for p in patience if (full.metric - p.metric) * 100 <= rule.tolerance_points + 1e-9]
+            chosen = min(fitting) if fitting else None
+        patience.reverse()
+        policies["patience"] = PolicyCalibration(points=patience, recommended_patience=chosen)
     return temperatures, policies
 
 
@@ -210,10 +220,47 @@ def recommend(points: list[CalibrationPoint], tolerance_points: float) -> Calibr
     return min(fitting, key=lambda p: (round(p.mean_exit_layer, 6), p.threshold, -(p.patience or 0)))
 
 
+def drop_losses(probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[float], policy: int = ENTROPY,
+                temperatures=None) -> np.ndarray:
+    """[thresholds, rows]: 1 where full depth is right and the row's exit answer is wrong. Its mean
+    bounds the accuracy a threshold loses (the rows it fixes are not counted)."""
+    right = probs[-1].argmax(-1) == targets
+    return np.stack([(right & (simulate_exits(probs, t, policy=policy, temperatures=temperatures)[1].argmax(-1)
+                               != targets)).astype(np.float64) for t in thresholds])
+
+
+@dataclass(frozen=True)
+class CalibrationRule:
+    """How a task's recommended setting is chosen on its calibration rows.
+
+    "risk" (default): the most aggressive setting that Learn-then-Test certifies (as CALM does;
+    app/calibration.py risk_controlled) to lose at most `tolerance_points` of accuracy with
+    probability 1 - epsilon, the loss of a row being "full depth right, exit wrong"; settings are
+    tested from the most cautious on, so a noisy table cannot hand out a lucky aggressive one.
+    "tolerance": the fastest setting whose metric on the calibration rows is within
+    `tolerance_points` of full depth (the rule of the single-task bundles). Regression tasks
+    always use "tolerance" (their loss is not a [0, 1] one)."""
+
+    kind: str = "risk"
+    tolerance_points: float = 1.0
+    epsilon: float = 0.1
+
+    def choose(self, points: list[CalibrationPoint], losses: np.ndarray | None) -> CalibrationPoint:
+        """points from the most cautious setting to the most aggressive; losses [points, rows]."""
+        if self.kind == "tolerance" or losses is None:
+            return recommend(points, self.tolerance_points)
+        return points[risk_controlled(range(len(points)), losses, self.tolerance_points / 100, self.epsilon)]
+
+    def record(self, rows: int, kind: str) -> dict:
+        rule = "tolerance" if kind == "regression" else self.kind
+        return {"rule": rule, "tolerance_points": self.tolerance_points, "rows": rows,
+                **({"epsilon": self.epsilon} if rule == "risk" else {})}
+
+
 def export_multitask_bundle(model: MultiTaskModel, parts: Sequence[TaskPart], tokenizer_file: Path, out_dir: Path, *,
                             name: str, max_seq_length: int, provenance: Provenance,
-                            dev_results: dict[str, list[dict[str, float]]], tolerance_points: float = 0.5,
-                            timing_rows: int = 256) -> Manifest:
+                            dev_results: dict[str, list[dict[str, float]]],
+                            rule: CalibrationRule = CalibrationRule(), timing_rows: int = 256) -> Manifest:
     """Write the bundle to out_dir (replacing it only once everything has passed)."""
     out_dir = Path(out_dir)
     with Staged(out_dir) as staged:
@@ -241,15 +288,20 @@ def export_multitask_bundle(model: MultiTaskModel, parts: Sequence[TaskPart], to
             rows = part.calibration if part.calibration is not None else part.dev
             with progress.phase(f"calibration of task {part.name}", f"{len(rows):,} rows"):
                 outputs = runner.all_outputs(part.name, encoder, _inputs(rows))
-                points = sweep(part, outputs, _targets(part, rows))
-                best = recommend(points, tolerance_points)
-                temperatures, policies = (None, {}) if part.kind == "regression" else \
-                    other_policies(part, outputs, _targets(part, rows), tolerance_points)
+                targets = _targets(part, rows)
+                points = sweep(part, outputs, targets)
+                if part.kind == "regression":
+                    best, temperatures, policies = recommend(points, rule.tolerance_points), None, {}
+                else:
+                    losses = drop_losses(softmax(outputs), targets, [p.threshold for p in points])
+                    best = rule.choose(points, losses)
+                    temperatures, policies = other_policies(part, outputs, targets, rule)
             heads.append(TaskHead(
                 name=part.name, kind=part.kind, labels=part.labels, source_labels=part.source_labels or None,
                 text_pair=part.text_pair, metric=part.metric,
                 exits=[exit_file(part.name, i) for i in range(model.num_layers)], score_range=part.score_range,
                 recommended_threshold=best.threshold, recommended_patience=best.patience, calibration=points,
+                calibration_rule=rule.record(len(rows), part.kind),
                 exit_temperatures=temperatures, policies=policies,
                 dev_results=[TaskLayerResult(layer=i, metrics=m) for i, m in enumerate(dev_results[part.name], 1)],
                 calibration_data=part.records.get("calibration", part.records["dev"]),

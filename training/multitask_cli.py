@@ -47,8 +47,14 @@ def add_multitask_arguments(p: argparse.ArgumentParser) -> None:
                    help="treat the task as regression whatever its labels look like")
     p.add_argument("--calibration-split", type=float, default=0.1, metavar="F",
                    help="fraction of each task's training rows held out for its exit calibration (default 0.1)")
-    p.add_argument("--calibration-tolerance", type=float, default=0.5,
-                   help="points of each task's metric below full depth its recommended setting may lose")
+    p.add_argument("--calibration-tolerance", type=float, default=1.0,
+                   help="points each task's recommended setting may lose against full depth (default 1)")
+    p.add_argument("--calibration-rule", choices=["risk", "tolerance"], default="risk",
+                   help="risk: the setting Learn-then-Test certifies to lose at most the tolerance in "
+                        "accuracy with probability 1 - --calibration-epsilon (default); tolerance: the fastest "
+                        "setting within the tolerance on the calibration rows")
+    p.add_argument("--calibration-epsilon", type=float, default=0.1, metavar="E",
+                   help="the risk rule's allowed probability of exceeding the tolerance (default 0.1)")
     p.add_argument("--threads", type=int, help="torch threads per process (default: the CPU quota / processes)")
     add_run_arguments(p)
     add_recipe_arguments(p, MultiTaskConfig)
@@ -142,7 +148,7 @@ def _train_and_export(args, cfg, parts, given, teachers_dir, tokenizer_file, sta
     import datetime
 
     from app.manifest import Provenance
-    from training.export_multitask import export_multitask_bundle
+    from training.export_multitask import CalibrationRule, export_multitask_bundle
     from training.methods.multitask import OneTask, build_ensemble, evaluate, train_student
     from training.publish import git_commit, versions
 
@@ -179,7 +185,8 @@ def _train_and_export(args, cfg, parts, given, teachers_dir, tokenizer_file, sta
         wall_time_s=round(time.perf_counter() - start, 1), checkpoint=str(final), distributed=runtime.describe())
     export_multitask_bundle(model, parts, final / "tokenizer.json", args.out, name=args.out.name,
                             max_seq_length=cfg.max_seq_length, provenance=provenance, dev_results=dev,
-                            tolerance_points=args.calibration_tolerance)
+                            rule=CalibrationRule(args.calibration_rule, args.calibration_tolerance,
+                                                 args.calibration_epsilon))
     print(f"bundle written to {args.out} (checkpoint {final})")
 
 

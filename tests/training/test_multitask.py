@@ -136,6 +136,9 @@ def test_tiny_bundle_lists_every_task_with_its_own_calibration(tiny_multitask_bu
         assert tasks[name].policies["max_prob"].recommended_threshold is not None
         assert [p.patience for p in tasks[name].policies["patience"].points] == [1, 2]
     assert sim.policies == {} and {p.patience for p in sim.calibration} == {1, 2, 3}
+    assert tasks["sent"].calibration_rule == {"rule": "risk", "tolerance_points": 1.0, "epsilon": 0.1,
+                                              "rows": tasks["sent"].calibration_data.rows}
+    assert sim.calibration_rule["rule"] == "tolerance"
     # the shared layers once: one graph per layer, whatever the number of tasks
     assert len(manifest.graphs.layers) == 3
     assert len({f.path for f in manifest.files}) == 2 + 3 + 3 * 3
