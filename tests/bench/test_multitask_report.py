@@ -27,3 +27,23 @@ def test_report_of_the_tiny_run(tiny_multitask_bundle, tiny_bundle, tmp_path, ca
     out = capsys.readouterr().out
     assert "| multi-task student, distilled (full depth) |" in out and "sim (pearson)" in out
     assert json.loads((tmp_path / "r.json").read_text())["tasks"].keys() == result["tasks"].keys()
+
+
+def test_rules_side_by_side_on_the_tiny_bundle(tiny_multitask_bundle, tmp_path, capsys):
+    from bench.multitask_rules import compare, main as rules_main
+
+    manifest = read_manifest(tiny_multitask_bundle)
+    result = compare(tiny_multitask_bundle, ["risk", "tolerance:0.5", "tolerance:100"], timing_rows=32)
+    assert set(result) == {"sent", "pair"}  # classification tasks only
+    for name, task in result.items():
+        head = next(t for t in manifest.tasks if t.name == name)
+        risk = task["rules"]["risk"]
+        assert risk["threshold"] == head.recommended_threshold
+        # the same setting, the same dev figures the export recorded
+        assert risk["value"] == pytest.approx(100 * head.dev_at_recommended[head.metric])
+        assert risk["mean_exit_layer"] == pytest.approx(head.dev_at_recommended["mean_exit_layer"])
+        # 100 points: anything fits, so the fastest setting of the calibration table
+        loose = next(p for p in head.calibration if p.threshold == task["rules"]["tolerance:100"]["threshold"])
+        assert loose.mean_exit_layer == min(p.mean_exit_layer for p in head.calibration)
+    rules_main([str(tiny_multitask_bundle), "--rules", "risk,tolerance:1", "--timing-rows", "16"])
+    assert "| sent (accuracy) |" in capsys.readouterr().out
