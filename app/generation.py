@@ -178,11 +178,12 @@ class DecoderGraphs:
 
 # A layer runs on a compacted batch (the rows still going, gathered) only when at most this
 # fraction of the step's rows still go. Gathering a row's caches (its self-attention keys and
-# values so far, and the cross-attention keys and values of its source) copies, by estimate,
-# about as many bytes as the layer computes on, so a batch compacted by a little would cost more
-# than the full one; above this fraction the layer runs on all rows, the results of those that
-# left are dropped and their cache entries filled in place (what IncrementalDecoder does). 0.5 is
-# that estimate, not yet measured on a quiet machine: bench/generation_exits.py sweeps it.
+# values so far, and the cross-attention keys and values of its source) is memory-bound copying
+# that costs about what a d_model 128 layer computes on, so a batch compacted by a little costs
+# more than the full one; above this fraction the layer runs on all rows, those that left on the
+# state they left with, which makes their cache entries with no extra call. Measured with
+# bench/generation_exits.py --compact-below (docs/generation.md): 0 / 0.5 / 1 within a few per
+# cent of each other at batch 32 x 4 beams, 1 (always compact) slowest.
 COMPACT_BELOW = 0.5
 
 
