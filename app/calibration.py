@@ -159,14 +159,14 @@ def hoeffding_bentkus_p(risk: float, n: int, delta: float) -> float:
     return min(1.0, hoeffding, bentkus)
 
 
-def risk_controlled(thresholds: Sequence[float], losses: np.ndarray, delta: float, epsilon: float) -> int:
+def risk_controlled(losses: np.ndarray, delta: float, epsilon: float) -> int:
     """Index of the largest threshold certified by fixed-sequence testing (Learn-then-Test, as
-    CALM calibrates): thresholds in ascending order, losses [thresholds, rows] in [0, 1]; each
+    CALM calibrates): losses [thresholds, rows] in [0, 1], thresholds in ascending order; each
     threshold in turn must have p(mean loss > delta) <= epsilon, and the first that fails ends the
     search. With probability at least 1 - epsilon over the calibration rows, the chosen threshold's
     expected loss is at most delta. Threshold 0 (full depth, loss 0) is always allowed."""
     chosen = 0
-    for i in range(1, len(thresholds)):
+    for i in range(1, losses.shape[0]):
         if hoeffding_bentkus_p(float(losses[i].mean()), losses.shape[1], delta) > epsilon:
             break
         chosen = i

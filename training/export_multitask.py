@@ -157,9 +157,11 @@ def _point(part: TaskPart, layers: int, exit_layer: np.ndarray, outputs: np.ndar
                             ideal_speedup=layers / mean_exit, agreement=agreement)
 
 
-def sweep(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, step: float = 0.01) -> list[CalibrationPoint]:
+def sweep(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray,
+          step: float = 0.01) -> tuple[list[CalibrationPoint], np.ndarray | None]:
     """The task's calibration table from its exits' full-depth outputs [layers, rows, width]:
-    entropy thresholds (classification), or thresholds x patiences of the regression rule."""
+    entropy thresholds (classification, with each threshold's drop_loss [thresholds, rows]), or
+    thresholds x patiences of the regression rule (no losses)."""
     layers, rows = layer_outputs.shape[:2]
     if part.kind == "regression":
         scores, width = layer_outputs[..., 0], part.score_range[1] - part.score_range[0]
@@ -169,13 +171,14 @@ def sweep(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, step: 
                 settings = ExitSettings.of(rows, threshold, 1, layers, REGRESSION, patience)
                 exit_layer, final = simulate_regression(scores, settings, width)
                 points.append(_point(part, layers, exit_layer, final, scores[-1], targets, threshold, patience))
-        return points
+        return points, None
     probs = softmax(layer_outputs)
-    points = []
+    points, losses = [], []
     for threshold in fine_grid(step):
         exit_layer, final = simulate_exits(probs, threshold, policy=ENTROPY)
         points.append(_point(part, layers, exit_layer, final, probs[-1], targets, threshold, None))
-    return points
+        losses.append(drop_loss(probs[-1], final, targets))
+    return points, np.stack(losses)
 
 
 def other_policies(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarray, rule: CalibrationRule,
@@ -185,20 +188,18 @@ def other_policies(part: TaskPart, layer_outputs: np.ndarray, targets: np.ndarra
     probs = softmax(layer_outputs)
     layers = probs.shape[0]
     temperatures = exit_temperatures(probs, targets)
-    grid = fine_grid(step)
-    max_prob = []
-    for threshold in grid:
+    max_prob, max_prob_losses = [], []
+    for threshold in fine_grid(step):
         exit_layer, final = simulate_exits(probs, threshold, policy=MAX_PROB, temperatures=temperatures)
         max_prob.append(_point(part, layers, exit_layer, final, probs[-1], targets, threshold, None))
-    max_prob_losses = drop_losses(probs, targets, grid, MAX_PROB, temperatures)
-    policies = {"max_prob": PolicyCalibration(points=max_prob,
-                                              recommended_threshold=rule.choose(max_prob, max_prob_losses).threshold)}
+        max_prob_losses.append(drop_loss(probs[-1], final, targets))
+    best = rule.choose(max_prob, np.stack(max_prob_losses))
+    policies = {"max_prob": PolicyCalibration(points=max_prob, recommended_threshold=best.threshold)}
     patience, patience_losses = [], []
-    right = probs[-1].argmax(-1) == targets
     for count in range(layers - 1, 0, -1):  # the most cautious first
         exit_layer, final = simulate_exits(probs, 0.0, policy=PATIENCE, patience=count)
         patience.append(_point(part, layers, exit_layer, final, probs[-1], targets, None, count))
-        patience_losses.append((right & (final.argmax(-1) != targets)).astype(np.float64))
+        patience_losses.append(drop_loss(probs[-1], final, targets))
     if patience:
         full = _point(part, layers, np.full(probs.shape[1], layers), probs[-1], probs[-1], targets, 0.0, None)
         if rule.kind == "risk":  # full depth first, the always-allowed setting
@@ -220,13 +221,10 @@ def recommend(points: list[CalibrationPoint], tolerance_points: float) -> Calibr
     return min(fitting, key=lambda p: (round(p.mean_exit_layer, 6), p.threshold, -(p.patience or 0)))
 
 
-def drop_losses(probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[float], policy: int = ENTROPY,
-                temperatures=None) -> np.ndarray:
-    """[thresholds, rows]: 1 where full depth is right and the row's exit answer is wrong. Its mean
-    bounds the accuracy a threshold loses (the rows it fixes are not counted)."""
-    right = probs[-1].argmax(-1) == targets
-    return np.stack([(right & (simulate_exits(probs, t, policy=policy, temperatures=temperatures)[1].argmax(-1)
-                               != targets)).astype(np.float64) for t in thresholds])
+def drop_loss(full: np.ndarray, final: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per row: 1 where full depth is right and the exit answer is wrong. Its mean bounds the
+    accuracy a setting loses (the rows it fixes are not counted)."""
+    return ((full.argmax(-1) == targets) & (final.argmax(-1) != targets)).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -245,11 +243,11 @@ class CalibrationRule:
     tolerance_points: float = 1.0
     epsilon: float = 0.1
 
-    def choose(self, points: list[CalibrationPoint], losses: np.ndarray | None) -> CalibrationPoint:
+    def choose(self, points: list[CalibrationPoint], losses: np.ndarray) -> CalibrationPoint:
         """points from the most cautious setting to the most aggressive; losses [points, rows]."""
-        if self.kind == "tolerance" or losses is None:
+        if self.kind == "tolerance":
             return recommend(points, self.tolerance_points)
-        return points[risk_controlled(range(len(points)), losses, self.tolerance_points / 100, self.epsilon)]
+        return points[risk_controlled(losses, self.tolerance_points / 100, self.epsilon)]
 
     def record(self, rows: int, kind: str) -> dict:
         rule = "tolerance" if kind == "regression" else self.kind
@@ -289,11 +287,10 @@ def export_multitask_bundle(model: MultiTaskModel, parts: Sequence[TaskPart], to
             with progress.phase(f"calibration of task {part.name}", f"{len(rows):,} rows"):
                 outputs = runner.all_outputs(part.name, encoder, _inputs(rows))
                 targets = _targets(part, rows)
-                points = sweep(part, outputs, targets)
+                points, losses = sweep(part, outputs, targets)
                 if part.kind == "regression":
                     best, temperatures, policies = recommend(points, rule.tolerance_points), None, {}
                 else:
-                    losses = drop_losses(softmax(outputs), targets, [p.threshold for p in points])
                     best = rule.choose(points, losses)
                     temperatures, policies = other_policies(part, outputs, targets, rule)
             heads.append(TaskHead(

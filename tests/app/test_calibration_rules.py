@@ -27,11 +27,11 @@ def test_the_search_stops_at_the_first_threshold_it_cannot_certify():
     losses = np.zeros((6, rows))
     losses[2, :40] = 1  # 4 % lost at the third threshold
     losses[4, :2] = 1  # the later ones look fine again: a noisy table's lucky setting
-    assert risk_controlled(range(6), losses, delta=0.01, epsilon=0.1) == 1
+    assert risk_controlled(losses, delta=0.01, epsilon=0.1) == 1
     losses[2] = 0
-    assert risk_controlled(range(6), losses, delta=0.01, epsilon=0.1) == 5
+    assert risk_controlled(losses, delta=0.01, epsilon=0.1) == 5
     # too few rows to certify 1 % even with no loss: full depth
-    assert risk_controlled(range(6), np.zeros((6, 100)), delta=0.01, epsilon=0.1) == 0
+    assert risk_controlled(np.zeros((6, 100)), delta=0.01, epsilon=0.1) == 0
 
 
 def test_the_chosen_threshold_keeps_its_risk_bound_with_the_stated_probability():
@@ -42,7 +42,7 @@ def test_the_chosen_threshold_keeps_its_risk_bound_with_the_stated_probability()
     delta, epsilon, rows, trials = 0.02, 0.1, 500, 400
     # nested losses: a row lost at one threshold is lost at every later one, as exits are
     draws = rng.random((trials, rows))
-    chosen = np.array([risk_controlled(range(len(true_risk)), (draws[t][None, :] < true_risk[:, None]).astype(float),
+    chosen = np.array([risk_controlled((draws[t][None, :] < true_risk[:, None]).astype(float),
                                        delta, epsilon) for t in range(trials)])
     assert (true_risk[chosen] > delta).mean() <= epsilon
     # and it is not full depth every time: it usually reaches well past the first thresholds
