@@ -39,6 +39,9 @@ def add_multitask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teachers", action="append", default=[], metavar="NAME=DIR,DIR,...",
                    help="a task's ensemble as given checkpoints (`offramp train fastbert --checkpoint` folders "
                         "or members of an earlier run) instead of training them")
+    p.add_argument("--student-from", type=Path, metavar="CHECKPOINT",
+                   help="take the encoder and classifiers of a finished multi-task checkpoint (its --checkpoint "
+                        "folder) and only train the exits afresh (--distill-*), calibrate and export")
     p.add_argument("--label-names", action="append", default=[], metavar="NAME=A,B",
                    help="names to serve for a task's labels (as --label-names of `train fastbert`)")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
@@ -118,6 +121,8 @@ def run_multitask(args: argparse.Namespace) -> None:
             raise CommandError(f"--limit {name}={','.join(values)}: expected a task's name = a row count")
         limits[name] = int(values[0])
     checkpoint = output_paths(args)
+    if args.student_from and args.student_from.resolve() == checkpoint.resolve():
+        raise CommandError(f"--student-from {args.student_from}: give another --checkpoint to write to")
     teachers_dir = args.teachers_dir or checkpoint.with_name(checkpoint.name + "-teachers")
 
     from app.encoding import TextEncoder
@@ -133,6 +138,8 @@ def run_multitask(args: argparse.Namespace) -> None:
         recipe = {"method": "multitask", **dataclasses.asdict(cfg),
                   "tasks": {p.name: {"train": p.records["train"].sha256, "dev": p.records["dev"].sha256}
                             for p in parts}}
+        if args.student_from:
+            recipe["student_from"] = str(args.student_from)
         runtime = start_runtime(args, checkpoint, types.SimpleNamespace(train=None, dev=None, unlabeled=None), recipe)
         try:
             _train_and_export(args, cfg, parts, given, teachers_dir, tokenizer_file, staged, recipe, runtime)
@@ -149,27 +156,36 @@ def _train_and_export(args, cfg, parts, given, teachers_dir, tokenizer_file, sta
 
     from app.manifest import Provenance
     from training.export_multitask import CalibrationRule, export_multitask_bundle
-    from training.methods.multitask import OneTask, build_ensemble, evaluate, train_student
+    from training.methods.multitask import OneTask, build_ensemble, evaluate, retrain_exits, train_student
     from training.publish import git_commit, versions
 
     log_file = staged.path / "train_log.jsonl"
     log_file.write_text("")
     start = time.perf_counter()
-    ensembles = {}
-    if cfg.ensemble_size > 0 or given:
+    ensembles, teachers = {}, {}
+    if args.student_from:
+        try:
+            model, meta = retrain_exits(args.student_from, parts, cfg, runtime, log_file)
+        except (OSError, ValueError, KeyError) as e:
+            raise CommandError(f"--student-from {args.student_from}: {e}") from None
+        teachers = (meta.get("summary") or {}).get("teachers", {})
+    elif cfg.ensemble_size > 0 or given:
         for part in parts:
             ensembles[part.name] = build_ensemble(part, args.teacher, cfg, teachers_dir, given.get(part.name, ()),
                                                   runtime)
     teachers_s = time.perf_counter() - start
-    model = train_student(parts, args.teacher, cfg, {n: e.soft_targets for n, e in ensembles.items()}, runtime, log_file)
+    if not args.student_from:
+        model = train_student(parts, args.teacher, cfg, {n: e.soft_targets for n, e in ensembles.items()}, runtime,
+                              log_file)
+        teachers = {n: {"members": [str(m) for m in e.members], "dev": e.dev, "dev_ensemble": e.dev_ensemble}
+                    for n, e in ensembles.items()}
     dev = {p.name: evaluate(OneTask(model, p.name), p, runtime) for p in parts}
     if not runtime.is_main:
         return
     for p in parts:
         log.info("task %s: dev at full depth %s", p.name, ", ".join(f"{k} {v:.4f}" for k, v in dev[p.name][-1].items()))
     model.cpu()
-    summary = {"teachers": {n: {"members": [str(m) for m in e.members], "dev": e.dev, "dev_ensemble": e.dev_ensemble}
-                            for n, e in ensembles.items()},
+    summary = {"teachers": teachers,
                "student_dev": {n: d[-1] for n, d in dev.items()},
                "wall_time_s": {"teachers": round(teachers_s, 1), "total": round(time.perf_counter() - start, 1)}}
     model.save(staged.path, {"recipe": recipe, "summary": summary})

@@ -184,3 +184,38 @@ def test_tasks_from_a_toml_recipe(tmp_path):
         task_specs(argparse.Namespace(task=["rte=a,b"], label_names=["sst2=x,y"], regression=[], config=None))
     with pytest.raises(CommandError, match="no task"):
         task_specs(argparse.Namespace(task=[], label_names=[], regression=[], config=None))
+
+
+def test_student_from_trains_only_the_exits_afresh(tiny_multitask_bundle, tiny_multitask_data, tmp_path, capsys):
+    """--student-from keeps a finished student's encoder and classifiers bit for bit, makes new
+    exits, and exports a bundle; a checkpoint of other tasks is refused in one line."""
+    from app.cli import main
+    from training.multitask_model import MultiTaskModel
+
+    root = tiny_multitask_bundle.parent.parent
+    source, _ = MultiTaskModel.load(root / "ckpt")
+    args = ["train", "multitask", "--teacher", str(root / "bert"), "--student-from", str(root / "ckpt"),
+            "--distill-epochs", "1", "--distill-lr", "1e-3", "--batch-size", "16", "--head-width", "16",
+            "--threads", "2"]
+    for name, (train, dev) in tiny_multitask_data.items():
+        args += ["--task", f"{name}={train},{dev}"]
+    main(args + ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "tiny-mt")])
+    again, meta = MultiTaskModel.load(tmp_path / "ckpt")
+    assert meta["recipe"]["student_from"] == str(root / "ckpt")
+    for (name, a), b in zip(source.backbone.state_dict().items(), again.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    for task in source.task_names:
+        for a, b in zip(source.last_head(task).parameters(), again.last_head(task).parameters()):
+            assert torch.equal(a, b)
+        first_old, first_new = (next(m.task_heads[task][0].parameters()) for m in (source, again))
+        assert not torch.equal(first_old, first_new)
+    manifest = read_manifest(tmp_path / "tiny-mt")
+    assert [t.name for t in manifest.tasks] == ["sent", "pair", "sim"] and manifest.verification.passed
+
+    sim = args.index(next(a for a in args if a.startswith("sim=")))
+    wrong = args[:sim - 1] + args[sim + 1:]  # the same command without the task "sim"
+    with pytest.raises(SystemExit) as refused:
+        main(wrong + ["--checkpoint", str(tmp_path / "ckpt2"), "--out", str(tmp_path / "bad")])
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--student-from" in line and "not [('sent', 2), ('pair', 2)]" in line

@@ -27,7 +27,7 @@ from training import loop
 from training.glue_metrics import task_metrics
 from training.losses import (cross_entropy, mtdnn_kd_classification, mtdnn_kd_regression,
                              score_self_distillation, self_distillation)
-from training.model import EarlyExitModel, load_backbone
+from training.model import EarlyExitModel, load_backbone, make_head
 from training.multitask_data import MultiTaskDataset, TaskPart
 from training.multitask_model import MultiTaskModel
 from training.runtime import Runtime
@@ -213,6 +213,34 @@ def train_student(parts: Sequence[TaskPart], encoder: str, cfg: MultiTaskConfig,
                cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup, cfg.weight_decay, cfg.seed, log_file, runtime=runtime)
     self_distil_task_exits(model, parts, cfg, runtime, log_file)
     return model.eval()
+
+
+def retrain_exits(checkpoint: Path, parts: Sequence[TaskPart], cfg: MultiTaskConfig,
+                  runtime: Runtime | None = None, log_file: Path | None = None) -> tuple[MultiTaskModel, dict]:
+    """A finished student's encoder and classifiers from `checkpoint`, its exits made afresh
+    (seeded, the same initialisation for every rerun) and self-distilled with this config's
+    distill options: exit training tried without training the student again."""
+    model, meta = MultiTaskModel.load(checkpoint)
+    wanted = [(p.name, p.width) for p in parts]
+    if [tuple(t) for t in model.tasks] != wanted:
+        raise ValueError(f"{checkpoint}: a student of tasks {[tuple(t) for t in model.tasks]}, not {wanted}")
+    if model.exit_head != cfg.exit_head or model.head_width != cfg.head_width:
+        raise ValueError(f"{checkpoint}: exit heads {model.exit_head}/{model.head_width}, not "
+                         f"{cfg.exit_head}/{cfg.head_width}")
+    files = {p.name: {"train": p.records["train"].sha256, "dev": p.records["dev"].sha256} for p in parts}
+    trained_on = (meta.get("recipe") or {}).get("tasks")
+    if trained_on is not None and trained_on != files:
+        raise ValueError("its student was trained on other task files than these (compare the sha256 in its "
+                         "multitask.json recipe)")
+    torch.manual_seed(cfg.seed + 2)
+    hidden = model.config.hidden_size
+    for name, width in model.tasks:
+        heads = model.task_heads[name]
+        for i in range(len(heads) - 1):
+            heads[i] = make_head(cfg.exit_head, hidden, width, cfg.head_width, cfg.dropout)
+    model.train()
+    self_distil_task_exits(model, parts, cfg, runtime, log_file)
+    return model.eval(), meta
 
 
 def self_distil_task_exits(model: MultiTaskModel, parts: Sequence[TaskPart], cfg: MultiTaskConfig,
