@@ -6,7 +6,9 @@ it gives on dev (the task's metric, mean exit layer, measured wall-time speed-up
 
 `risk` is the setting the bundle was exported with when it was calibrated by Learn-then-Test
 (training/export_multitask.py CalibrationRule); `tolerance:P` is the fastest setting within P points
-on the calibration rows. The dev files are the ones the manifest records.
+on the calibration rows. `dev:P` is the fastest threshold (steps of 0.01) within P points of full
+depth on dev itself: not a calibration (it looks at the rows it is scored on) but an upper bound on
+what these weights' exits can give at that tolerance. The dev files are the ones the manifest records.
 """
 
 from __future__ import annotations
@@ -15,10 +17,31 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from app.encoding import TextEncoder
 from app.manifest import TaskHead, read_manifest
-from training.export_multitask import GraphRunner, dev_at_recommended, recommend
+from app.policies import ENTROPY, simulate_exits
+from app.uncertainty import softmax
+from training.export_multitask import GraphRunner, _inputs, _targets, dev_at_recommended, recommend, task_metrics
 from training.multitask_data import TaskFiles, read_part
+
+
+def best_on_dev(head: TaskHead, runner: GraphRunner, encoder: TextEncoder, part, points: float) -> float:
+    """The threshold of fewest mean exit layers whose dev metric is within `points` of full depth."""
+    probs = softmax(runner.all_outputs(head.name, encoder, _inputs(part.dev)))
+    targets = _targets(part, part.dev)
+
+    def metric(final) -> float:
+        return 100 * task_metrics(part.kind, final, targets, part.positive)[head.metric]
+
+    full = metric(probs[-1])
+    best, fewest = 0.0, float(probs.shape[0])
+    for threshold in np.round(np.arange(0.0, 1.0001, 0.01), 2):
+        exit_layer, final = simulate_exits(probs, float(threshold), policy=ENTROPY)
+        if metric(final) >= full - points and exit_layer.mean() < fewest:
+            best, fewest = float(threshold), float(exit_layer.mean())
+    return best
 
 
 def threshold_for(head: TaskHead, rule: str) -> float:
@@ -28,7 +51,7 @@ def threshold_for(head: TaskHead, rule: str) -> float:
         return head.recommended_threshold
     kind, _, points = rule.partition(":")
     if kind != "tolerance" or not points:
-        raise ValueError(f"rule {rule!r}: expected risk or tolerance:POINTS")
+        raise ValueError(f"rule {rule!r}: expected risk, tolerance:POINTS or dev:POINTS")
     return recommend([p for p in head.calibration if p.patience is None], float(points)).threshold
 
 
@@ -43,7 +66,9 @@ def compare(bundle: Path, rules: list[str], timing_rows: int = 256) -> dict:
         part = read_part(files, encoder, calibration_split=0.0, label_names=head.labels)
         rows = {}
         for rule in rules:
-            threshold = threshold_for(head, rule)
+            kind, _, points = rule.partition(":")
+            threshold = best_on_dev(head, runner, encoder, part, float(points)) if kind == "dev" and points \
+                else threshold_for(head, rule)
             at = dev_at_recommended(bundle, manifest, runner, encoder, part,
                                     head.model_copy(update={"recommended_threshold": threshold}), timing_rows)
             rows[rule] = {"threshold": threshold, "metric": head.metric, "value": 100 * at[head.metric],

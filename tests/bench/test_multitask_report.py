@@ -33,7 +33,8 @@ def test_rules_side_by_side_on_the_tiny_bundle(tiny_multitask_bundle, tmp_path, 
     from bench.multitask_rules import compare, main as rules_main
 
     manifest = read_manifest(tiny_multitask_bundle)
-    result = compare(tiny_multitask_bundle, ["risk", "tolerance:0.5", "tolerance:100"], timing_rows=32)
+    result = compare(tiny_multitask_bundle, ["risk", "tolerance:0.5", "tolerance:100", "dev:0", "dev:100"],
+                     timing_rows=32)
     assert set(result) == {"sent", "pair"}  # classification tasks only
     for name, task in result.items():
         head = next(t for t in manifest.tasks if t.name == name)
@@ -45,5 +46,9 @@ def test_rules_side_by_side_on_the_tiny_bundle(tiny_multitask_bundle, tmp_path, 
         # 100 points: anything fits, so the fastest setting of the calibration table
         loose = next(p for p in head.calibration if p.threshold == task["rules"]["tolerance:100"]["threshold"])
         assert loose.mean_exit_layer == min(p.mean_exit_layer for p in head.calibration)
+        # on dev itself: 100 points lets every row take the first exit; 0 points loses nothing
+        assert task["rules"]["dev:100"]["mean_exit_layer"] == 1.0
+        assert task["rules"]["dev:0"]["value"] >= task["full_depth"] - 1e-9
+        assert task["rules"]["dev:0"]["mean_exit_layer"] >= task["rules"]["dev:100"]["mean_exit_layer"]
     rules_main([str(tiny_multitask_bundle), "--rules", "risk,tolerance:1", "--timing-rows", "16"])
     assert "| sent (accuracy) |" in capsys.readouterr().out

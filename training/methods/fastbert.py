@@ -1,6 +1,9 @@
 """FastBERT (Liu et al. 2020): fine-tune backbone + teacher classifier, then self-distil the exits.
 
 Stage 1 trains the backbone and the last layer's classifier with cross-entropy on labels.
+With `joint_exits` > 0 it trains every exit with them (the joint training of PABEE and
+ElasticBERT): the loss adds joint_exits x the mean cross-entropy of the exits before the last, so
+the early layers learn to carry the answer instead of only passing features on.
 Stage 2 freezes both and trains every other exit with sum_i KL(p_teacher || p_exit_i); it needs
 no labels, so extra unlabeled text of the domain can join the training text.
 """
@@ -37,6 +40,8 @@ class FastBertConfig:
     dropout: float = 0.1
     seed: int = 42
     limit_train: int | None = None  # use only the first N training rows (quick runs)
+    # Stage 1 also trains the exits: loss = CE(last) + joint_exits * mean_i CE(exit i); 0 = FastBERT.
+    joint_exits: float = 0.0
 
 
 def train_fastbert(task: Task, cfg: FastBertConfig, model: EarlyExitModel | None = None) -> EarlyExitModel:
@@ -57,23 +62,37 @@ def train_fastbert(task: Task, cfg: FastBertConfig, model: EarlyExitModel | None
 
 
 def fine_tune(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
-    """Stage 1: backbone + teacher classifier, cross-entropy on labels."""
-    teacher_head = model.heads[-1]
+    """Stage 1: backbone + teacher classifier (and, jointly, the exits), cross-entropy on labels."""
+    if cfg.joint_exits < 0:
+        raise ValueError(f"joint_exits must be >= 0, not {cfg.joint_exits}")
+    joint = cfg.joint_exits > 0 and model.num_layers > 1
+    heads = model.heads if joint else model.heads[-1:]
 
     def fine_tune_loss(batch):
         states = model.hidden_states(*batch.inputs())
-        return cross_entropy(model.exit_logits(model.num_layers - 1, states[-1], batch.attention_mask),
-                             batch.labels)
+        last = model.num_layers - 1
+        loss = cross_entropy(model.exit_logits(last, states[-1], batch.attention_mask), batch.labels)
+        if joint:
+            loss = loss + cfg.joint_exits * joint_exit_loss(model, states, batch)
+        return loss
 
     start = time.perf_counter()
     done = loop.train(
-        "stage 1: fine-tune", list(model.backbone.parameters()) + list(teacher_head.parameters()),
+        "stage 1: fine-tune" + (" with joint exits" if joint else ""),
+        list(model.backbone.parameters()) + [p for head in heads for p in head.parameters()],
         model, task.train, fine_tune_loss, cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup,
         cfg.weight_decay, cfg.seed, task.log_file, runtime=task.runtime,
     )
     if done:  # not when a resumed run skipped it
         log.info("stage 1 done in %.0fs; teacher dev accuracy %.4f",
                  time.perf_counter() - start, loop.layer_accuracy(model, task.dev, task.runtime)[-1])
+
+
+def joint_exit_loss(model: EarlyExitModel, states, batch) -> torch.Tensor:
+    """Mean cross-entropy on labels of the exits before the last."""
+    losses = [cross_entropy(model.exit_logits(i, h, batch.attention_mask), batch.labels)
+              for i, h in enumerate(states[:model.num_layers - 1])]
+    return torch.stack(losses).mean()
 
 
 def self_distil_exits(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
