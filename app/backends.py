@@ -104,20 +104,18 @@ class OrtBackend:
             return ort.InferenceSession(source, sess_options=opts, providers=self.providers)
 
         wide = ort_session_options(threads)
+        self.embeddings = session(manifest.graphs.embeddings, wide)
         self.layers = [session(name, wide) for name in manifest.graphs.layers]
         # Every batch starts with the embeddings and layer 1: run as one graph, that is one graph
-        # call fewer per batch (measured: +12 % at one row, level at 32; docs/benchmarks.md).
+        # call fewer per batch (at one row a call's fixed cost is a fifth of a layer's time).
         joined = joined_first_layer(bundle_dir, manifest) if join_first_layer else None
         self.first = session(joined, wide) if joined else None
-        # The embeddings alone (`embed`) are then needed only off the serving path: opened on
-        # first use, so that a served bundle holds its embedding table twice, not three times.
-        self._open_embeddings = lambda: session(manifest.graphs.embeddings, wide)
-        self._embeddings = None if self.first else self._open_embeddings()
         # A multi-task bundle's layers are its shared trunk (hidden_out alone); every task has
         # its own exit head per layer (app/multitask.py).
         head_files = [task.exits for task in manifest.tasks or []]
         self.heads = [[session(name, wide) for name in files] for files in head_files]
-        self.active_provider = (self.first or self.embeddings).get_providers()[0]
+        self.active_provider = self.embeddings.get_providers()[0]
+        self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
         self._layer_outputs = [[o.name for o in s.get_outputs()] for s in self.layers]
         self._first_inputs = {i.name for i in self.first.get_inputs()} if self.first else set()
         # With I/O binding the hidden states stay on the provider's device from layer to
@@ -145,14 +143,8 @@ class OrtBackend:
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
-    @property
-    def embeddings(self):
-        if self._embeddings is None:
-            self._embeddings = self._open_embeddings()
-        return self._embeddings
-
     def embed(self, batch: EncodedBatch):
-        feeds = _embedding_feeds(batch, {i.name for i in self.embeddings.get_inputs()})
+        feeds = _embedding_feeds(batch, self._embedding_inputs)
         if not self.io_binding:
             return self.embeddings.run(None, feeds)[0]
         (hidden,) = self._bound_run(self.embeddings, feeds, {"hidden": self.device})
