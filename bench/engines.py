@@ -4,8 +4,7 @@
         --data ../shared/data/glue/SST-2/dev.tsv [--batch-sizes 1,32] [--repeats 3] [--json out.json]
 
 Each argument is a bundle folder with optional `:key=value` settings: `groups=none|N` (the
-engine's `group_call_cost_tokens`; none: a batch always runs whole), `provider=cpu|openvino`,
-`join=0|1` (single-task bundles: the embeddings and layer 1 as one graph call, the default, or two).
+engine's `group_call_cost_tokens`; none: a batch always runs whole), `provider=cpu|openvino`.
 Every configuration runs at full depth, at its bundle's recommended threshold and at any
 `--thresholds`, at each batch size (rows in file order), interleaved, median of the repeats; engine only (pre-tokenised, no HTTP).
 """
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from app.bundle import open_encoder, open_engine
-from app.engine import GROUP_CALL_COST_TOKENS, Engine
+from app.engine import GROUP_CALL_COST_TOKENS
 from app.manifest import read_manifest
 from bench.report import load_data, machine_info
 from app.calibration import make_batches
@@ -29,15 +28,13 @@ from app.calibration import make_batches
 
 def parse_config(spec: str) -> dict:
     path, *settings = spec.split(":")
-    config = {"label": spec, "bundle": Path(path), "provider": "cpu", "groups": GROUP_CALL_COST_TOKENS, "join": True}
+    config = {"label": spec, "bundle": Path(path), "provider": "cpu", "groups": GROUP_CALL_COST_TOKENS}
     for item in settings:
         key, _, value = item.partition("=")
         if key == "groups":
             config["groups"] = None if value == "none" else float(value)
         elif key == "provider":
             config["provider"] = value
-        elif key == "join" and value in ("0", "1"):
-            config["join"] = value == "1"
         else:
             raise SystemExit(f"python -m bench.engines: error: unknown setting {key!r} in {spec!r}")
     return config
@@ -62,12 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = read_manifest(config["bundle"])
         inputs, labels = load_data(args.data, manifest)
         encoder = open_encoder(config["bundle"], manifest)
-        if config["join"]:
-            engine = open_engine(config["bundle"], manifest, provider=config["provider"], intra_op_threads=args.threads,
-                                 group_call_cost_tokens=config["groups"])
-        else:
-            engine = Engine(config["bundle"], manifest, config["provider"], args.threads,
-                            group_call_cost_tokens=config["groups"], join_first_layer=False)
+        engine = open_engine(config["bundle"], manifest, provider=config["provider"], intra_op_threads=args.threads,
+                             group_call_cost_tokens=config["groups"])
         batches = {b: make_batches(encoder, inputs, b) for b in sizes}
         for b in sizes:
             for batch in batches[b][:3]:

@@ -22,15 +22,3 @@ def test_bundles_and_a_cascade_run_side_by_side_at_every_threshold(tiny_bundle, 
     assert cascade[0.0]["accuracy"] == single[0.0]["accuracy"]  # full depth is the transformer's answer
     assert sum(run["recommended"] for run in cascade.values()) == 1
     assert all(run["rows_per_s"]["8"] > 0 for run in report["runs"])
-
-
-def test_joined_and_two_graph_first_layers_side_by_side(tiny_bundle):
-    bundle = str(tiny_bundle["bundle"])
-    report = main([bundle, f"{bundle}:join=0", "--data", str(tiny_bundle["dev"]), "--batch-sizes", "1,4",
-                   "--repeats", "1"])
-    runs = {(r["config"], r["threshold"]): r for r in report["runs"]}
-    for (config, threshold), run in runs.items():
-        if config == bundle:  # the same answers either way: only the cost differs
-            other = runs[(f"{bundle}:join=0", threshold)]
-            assert run["accuracy"] == other["accuracy"]
-            assert run["mean_exit_layer"] == other["mean_exit_layer"]
