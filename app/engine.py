@@ -160,7 +160,7 @@ class Engine:
 
         active = np.arange(rows)  # original row index of each row still running
         state = ExitState.start(rows)
-        hidden, mask = None, batch.attention_mask  # layer 1 starts from the batch itself
+        mask = batch.attention_mask
         running = settings
         for index in range(self.num_layers):
             layer = index + 1
@@ -190,7 +190,7 @@ class Engine:
         rows = batch.input_ids.shape[0]
         out = np.zeros((self.num_layers, rows, len(self.manifest.labels)), dtype=np.float32)
         for index in self.groups(batch):
-            part, hidden = batch.rows(index), None
+            part = batch.rows(index)
             for layer in range(self.num_layers):
                 hidden, logits = self.backend.first_layer(part) if layer == 0 else \
                     self.backend.layer(layer, hidden, part.attention_mask)

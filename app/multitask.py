@@ -166,7 +166,7 @@ class MultiTaskEngine:
         rows = batch.input_ids.shape[0]
         active = np.arange(rows)  # row of the group of each row still running
         state = ExitState.start(rows)
-        hidden, mask = None, batch.attention_mask  # layer 1 starts from the batch itself
+        mask = batch.attention_mask
         for index in range(self.num_layers):
             layer = index + 1
             # the shared layer, every task's rows (layer 1 with the embeddings, in one call)
@@ -197,7 +197,7 @@ class MultiTaskEngine:
         out = np.zeros((self.num_layers, rows, self.output_width), dtype=np.float32)
         for index in self.groups(batch):
             part = batch.rows(index)
-            hidden, mask = None, part.attention_mask
+            mask = part.attention_mask
             for layer in range(self.num_layers):
                 hidden, _ = self.backend.first_layer(part) if layer == 0 else self.backend.layer(layer, hidden, mask)
                 for t, mine, logits in self._exits(layer, hidden, mask, task[index]):
