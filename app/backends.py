@@ -69,47 +69,20 @@ def _embedding_feeds(batch: EncodedBatch, wanted: set[str]) -> dict[str, np.ndar
     return {k: v for k, v in feeds.items() if k in wanted}
 
 
-def joined_first_layer(bundle_dir: Path, manifest: Manifest) -> bytes | None:
-    """The embeddings graph and layer 1's joined into one (`onnx.compose`: the same nodes and
-    weights, hidden states passed inside), serialised; None where they cannot be joined."""
-    import onnx
-    from onnx import compose
-
-    if not manifest.graphs.layers:
-        return None
-    try:
-        embeddings = onnx.load(str(bundle_dir / manifest.graphs.embeddings))
-        layer = onnx.load(str(bundle_dir / manifest.graphs.layers[0]))
-        if {i.name for i in embeddings.graph.input} & {i.name for i in layer.graph.input}:
-            return None  # an input both take (an embedding graph that reads the mask)
-        # Prefix every name inside the embeddings graph so that none can clash with the layer's.
-        embeddings = compose.add_prefix(embeddings, "embeddings/", rename_inputs=False, rename_outputs=False)
-        joined = compose.merge_models(embeddings, layer, io_map=[("hidden", "hidden")])
-    except Exception as exc:  # an unusual export: run the two graphs one after the other
-        log.warning("%s: embeddings and layer 1 not joined (%s); running them as two graphs", bundle_dir, exc)
-        return None
-    return joined.SerializeToString()
-
-
 class OrtBackend:
     def __init__(self, bundle_dir: Path, manifest: Manifest, provider: str, threads: int,
-                 io_binding: bool | None = None, join_first_layer: bool = True):
+                 io_binding: bool | None = None):
         import onnxruntime as ort
 
         self._ort = ort
         self.providers = ort_providers(provider)
 
-        def session(name, opts):  # a file of the bundle, or a graph built from them (bytes)
-            source = name if isinstance(name, bytes) else str(bundle_dir / name)
-            return ort.InferenceSession(source, sess_options=opts, providers=self.providers)
+        def session(name: str, opts):
+            return ort.InferenceSession(str(bundle_dir / name), sess_options=opts, providers=self.providers)
 
         wide = ort_session_options(threads)
         self.embeddings = session(manifest.graphs.embeddings, wide)
         self.layers = [session(name, wide) for name in manifest.graphs.layers]
-        # Every batch starts with the embeddings and layer 1: run as one graph, that is one graph
-        # call fewer per batch (at one row a call's fixed cost is a fifth of a layer's time).
-        joined = joined_first_layer(bundle_dir, manifest) if join_first_layer else None
-        self.first = session(joined, wide) if joined else None
         # A multi-task bundle's layers are its shared trunk (hidden_out alone); every task has
         # its own exit head per layer (app/multitask.py).
         head_files = [task.exits for task in manifest.tasks or []]
@@ -117,19 +90,17 @@ class OrtBackend:
         self.active_provider = self.embeddings.get_providers()[0]
         self._embedding_inputs = {i.name for i in self.embeddings.get_inputs()}
         self._layer_outputs = [[o.name for o in s.get_outputs()] for s in self.layers]
-        self._first_inputs = {i.name for i in self.first.get_inputs()} if self.first else set()
         # With I/O binding the hidden states stay on the provider's device from layer to
         # layer; only the small logits come back. Default: on wherever the device is not the CPU.
         self.device = "cuda" if self.active_provider == ORT_PROVIDERS["cuda"] else "cpu"
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
         # Small calls on the CPU go to one-thread twins of the layer sessions (same graphs, same
         # kernels: the answer does not change, only who computes it).
-        self.narrow_layers = self.narrow_heads = self.narrow_first = None
+        self.narrow_layers = self.narrow_heads = None
         if self.device == "cpu" and threads > 1:
             narrow = ort_session_options(1)
             self.narrow_layers = [session(name, narrow) for name in manifest.graphs.layers]
             self.narrow_heads = [[session(name, narrow) for name in files] for files in head_files]
-            self.narrow_first = session(joined, narrow) if joined else None
 
     def _bound_run(self, session, inputs: dict, outputs: dict[str, str]) -> list:
         binding = session.io_binding()
@@ -153,26 +124,18 @@ class OrtBackend:
     def layer(self, index: int, hidden, attention_mask: np.ndarray):
         """Layer `index` (0-based) -> (hidden states, exit logits as numpy); the logits are None
         for a multi-task bundle's shared layer, which has no exit of its own."""
-        return self._run_layer(self.layers[index], self.narrow_layers and self.narrow_layers[index],
-                               {"hidden": hidden, "attention_mask": attention_mask}, self._layer_outputs[index])
-
-    def first_layer(self, batch: EncodedBatch):
-        """The embeddings and layer 1 -> (hidden states, exit logits), in one graph call where
-        the two graphs could be joined."""
-        if self.first is None:
-            return self.layer(0, self.embed(batch), batch.attention_mask)
-        feeds = _embedding_feeds(batch, self._first_inputs)
-        return self._run_layer(self.first, self.narrow_first, feeds, self._layer_outputs[0])
-
-    def _run_layer(self, wide, narrow, feeds: dict, names: list[str]):
+        feeds = {"hidden": hidden, "attention_mask": attention_mask}
+        names = self._layer_outputs[index]
         if not self.io_binding:
-            small = narrow is not None and feeds["attention_mask"].size <= SINGLE_THREAD_TOKENS
-            outputs = dict(zip(names, (narrow if small else wide).run(None, feeds)))
+            sessions = self.layers
+            if self.narrow_layers is not None and attention_mask.size <= SINGLE_THREAD_TOKENS:
+                sessions = self.narrow_layers
+            outputs = dict(zip(names, sessions[index].run(None, feeds)))
             return outputs["hidden_out"], outputs.get("logits")
         # Only the outputs the graph has can be bound.
         devices = {"hidden_out": self.device, "logits": "cpu"}
         bound = {n: devices[n] for n in names if n in devices}
-        outputs = dict(zip(bound, self._bound_run(wide, feeds, bound)))
+        outputs = dict(zip(bound, self._bound_run(self.layers[index], feeds, bound)))
         logits = outputs.get("logits")
         return outputs["hidden_out"], None if logits is None else logits.numpy()
 
@@ -242,9 +205,6 @@ class OpenVinoBackend:
         # The request's output buffers are reused by its next call: copy them out.
         return request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy()
 
-    def first_layer(self, batch: EncodedBatch):
-        return self.layer(0, self.embed(batch), batch.attention_mask)
-
     def select(self, hidden: np.ndarray, rows: np.ndarray, longest: int) -> np.ndarray:
         return hidden[rows, :longest]
 
@@ -253,7 +213,7 @@ class OpenVinoBackend:
 
 
 def make_backend(bundle_dir: Path, manifest: Manifest, provider: str, threads: int,
-                 io_binding: bool | None = None, join_first_layer: bool = True):
+                 io_binding: bool | None = None):
     if provider not in PROVIDER_NAMES:
         raise ValueError(f"provider must be one of {list(PROVIDER_NAMES)}, not {provider!r}")
     if provider == "openvino":
@@ -267,4 +227,4 @@ def make_backend(bundle_dir: Path, manifest: Manifest, provider: str, threads: i
                              "fused`): their layers are ONNX Runtime operators (QAttention, "
                              "MatMulIntegerToFloat); use provider cpu, or quantise with --method static")
         return OpenVinoBackend(bundle_dir, manifest, threads)
-    return OrtBackend(bundle_dir, manifest, provider, threads, io_binding, join_first_layer)
+    return OrtBackend(bundle_dir, manifest, provider, threads, io_binding)

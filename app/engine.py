@@ -82,7 +82,6 @@ class Engine:
         io_binding: bool | None = None,
         group_call_cost_tokens: float | None = GROUP_CALL_COST_TOKENS,
         temperature: float = 1.0,
-        join_first_layer: bool = True,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or read_manifest(self.bundle_dir)
@@ -92,10 +91,8 @@ class Engine:
         self.output_width = len(self.manifest.labels)  # columns of ExitResult.probabilities
         self.intra_op_threads = intra_op_threads or cpu_quota()
         self.provider = provider
-        # join_first_layer: the embeddings and layer 1 as one graph call (app/backends.py); off
-        # only to measure what it saves.
         self.backend = make_backend(self.bundle_dir, self.manifest, provider,
-                                    self.intra_op_threads, io_binding, join_first_layer)
+                                    self.intra_op_threads, io_binding)
         self.active_provider = self.backend.active_provider
         self.device = self.backend.device
         self.io_binding = self.backend.io_binding
@@ -160,12 +157,11 @@ class Engine:
 
         active = np.arange(rows)  # original row index of each row still running
         state = ExitState.start(rows)
-        mask = batch.attention_mask
+        hidden, mask = self.backend.embed(batch), batch.attention_mask
         running = settings
         for index in range(self.num_layers):
             layer = index + 1
-            hidden, logits = self.backend.first_layer(batch) if index == 0 else \
-                self.backend.layer(index, hidden, mask)
+            hidden, logits = self.backend.layer(index, hidden, mask)
             # Where no row may leave (full depth, or below min_layers) no policy needs to run.
             if not may_leave(layer, self.num_layers, running):
                 continue
@@ -191,9 +187,9 @@ class Engine:
         out = np.zeros((self.num_layers, rows, len(self.manifest.labels)), dtype=np.float32)
         for index in self.groups(batch):
             part = batch.rows(index)
+            hidden = self.backend.embed(part)
             for layer in range(self.num_layers):
-                hidden, logits = self.backend.first_layer(part) if layer == 0 else \
-                    self.backend.layer(layer, hidden, part.attention_mask)
+                hidden, logits = self.backend.layer(layer, hidden, part.attention_mask)
                 out[layer, index] = self.probabilities(logits)
         return out
 

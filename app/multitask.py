@@ -166,11 +166,10 @@ class MultiTaskEngine:
         rows = batch.input_ids.shape[0]
         active = np.arange(rows)  # row of the group of each row still running
         state = ExitState.start(rows)
-        mask = batch.attention_mask
+        hidden, mask = self.backend.embed(batch), batch.attention_mask
         for index in range(self.num_layers):
             layer = index + 1
-            # the shared layer, every task's rows (layer 1 with the embeddings, in one call)
-            hidden, _ = self.backend.first_layer(batch) if index == 0 else self.backend.layer(index, hidden, mask)
+            hidden, _ = self.backend.layer(index, hidden, mask)  # the shared layer, every task's rows
             mine_settings = settings.take(active)
             leaving = np.zeros(len(active), dtype=bool)
             for t, mine, logits in self._exits(index, hidden, mask, task[active]):
@@ -197,9 +196,9 @@ class MultiTaskEngine:
         out = np.zeros((self.num_layers, rows, self.output_width), dtype=np.float32)
         for index in self.groups(batch):
             part = batch.rows(index)
-            mask = part.attention_mask
+            hidden, mask = self.backend.embed(part), part.attention_mask
             for layer in range(self.num_layers):
-                hidden, _ = self.backend.first_layer(part) if layer == 0 else self.backend.layer(layer, hidden, mask)
+                hidden, _ = self.backend.layer(layer, hidden, mask)
                 for t, mine, logits in self._exits(layer, hidden, mask, task[index]):
                     values = logits[:, :1] if self.is_regression[t] else softmax(logits)
                     out[layer, index[mine], :values.shape[1]] = values

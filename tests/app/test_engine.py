@@ -98,39 +98,3 @@ def test_io_binding_path_gives_the_same_answers(tiny_bundle):
     assert a.exit_layer.tolist() == b.exit_layer.tolist()
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
     np.testing.assert_allclose(plain.all_layer_probabilities(batch), bound.all_layer_probabilities(batch), atol=1e-6)
-
-
-@pytest.mark.parametrize("threads, io_binding", [(1, False), (2, False), (1, True)])
-def test_joined_first_layer_gives_the_two_graphs_answers(tiny_bundle, threads, io_binding):
-    """Embeddings and layer 1 joined into one graph: the same answers as the two graphs run one
-    after the other, on the narrow (one-thread) and wide sessions and on the I/O-binding path."""
-    joined = Engine(tiny_bundle["bundle"], intra_op_threads=threads, io_binding=io_binding)
-    apart = Engine(tiny_bundle["bundle"], intra_op_threads=threads, io_binding=io_binding, join_first_layer=False)
-    assert joined.backend.first is not None and apart.backend.first is None
-    batch = load_model(tiny_bundle["bundle"]).encoder.encode(TEXTS)
-    thresholds = np.array([0.0, 0.999, 0.5, 1.0, 0.9995], dtype=np.float32)
-    a, b = joined.run(batch, thresholds), apart.run(batch, thresholds)
-    assert a.exit_layer.tolist() == b.exit_layer.tolist()
-    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
-    np.testing.assert_allclose(joined.all_layer_probabilities(batch), apart.all_layer_probabilities(batch), atol=1e-6)
-
-
-def test_first_layer_falls_back_to_two_graphs_when_they_cannot_be_joined(tiny_bundle, tmp_path):
-    import shutil
-
-    import onnx
-
-    from app.backends import joined_first_layer
-    from app.manifest import read_manifest
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle["bundle"], bundle)
-    manifest = read_manifest(bundle)
-    assert joined_first_layer(bundle, manifest) is not None
-    # an embeddings graph that also reads the mask layer 1 reads: not joinable, so not joined
-    graph = onnx.load(str(bundle / manifest.graphs.embeddings))
-    if "attention_mask" not in {i.name for i in graph.graph.input}:
-        graph.graph.input.append(onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64,
-                                                                    ["batch", "sequence"]))
-    onnx.save(graph, str(bundle / manifest.graphs.embeddings))
-    assert joined_first_layer(bundle, manifest) is None
