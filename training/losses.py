@@ -28,6 +28,11 @@ def self_distillation(teacher_logits: torch.Tensor,
     return torch.stack([kl_to_teacher(teacher, z) for z in exit_logits]).sum()
 
 
+def joint_exits_cross_entropy(exit_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Joint exit training (PABEE, ElasticBERT): mean_i CE(labels) of the exits below the last."""
+    return torch.stack([cross_entropy(z, labels) for z in exit_logits]).mean()
+
+
 # -- knowledge distillation (docs/distillation.md) --------------------------------------------
 # Shapes: logits [rows, classes]; hidden [rows, tokens, width]; attention [rows, heads, t, t];
 # attention_mask [rows, tokens] with 1 for real tokens.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from training import loop
-from training.losses import cross_entropy, self_distillation
+from training.losses import cross_entropy, joint_exits_cross_entropy, self_distillation
 from training.methods import Method
 from training.model import EarlyExitModel, load_backbone
 from training.task import Task
@@ -90,9 +90,8 @@ def fine_tune(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
 
 def joint_exit_loss(model: EarlyExitModel, states, batch) -> torch.Tensor:
     """Mean cross-entropy on labels of the exits before the last."""
-    losses = [cross_entropy(model.exit_logits(i, h, batch.attention_mask), batch.labels)
-              for i, h in enumerate(states[:model.num_layers - 1])]
-    return torch.stack(losses).mean()
+    return joint_exits_cross_entropy([model.exit_logits(i, h, batch.attention_mask)
+                                      for i, h in enumerate(states[:model.num_layers - 1])], batch.labels)
 
 
 def self_distil_exits(model: EarlyExitModel, task: Task, cfg: FastBertConfig) -> None:
