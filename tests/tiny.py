@@ -10,6 +10,11 @@ from training.data import read_examples
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 SST2 = SHARED_GLUE / "SST-2"
+# Int8 graphs requantise activations: a row padded to another length runs kernels blocked for
+# another shape, and a float rounding apart before a requantisation moves an activation one int8
+# step, ~1e-5 to 1e-4 in a probability of a random tiny model (seen: 1.35e-5 and 1.6e-5 on ONNX
+# Runtime, 7.5e-5 on OpenVINO). The shipped int8 bundle holds 1e-5 (tests/test_shipped_model.py).
+TINY_INT8_ROW_TOLERANCE = 5e-4
 
 
 def write_rows(path: Path, rows: list[tuple[str, str]], header=("sentence", "label")) -> Path:

@@ -71,7 +71,7 @@ def held_out_rows(args: argparse.Namespace, manifest):
 def run_quantize(args: argparse.Namespace) -> None:
     from app.manifest import read_manifest
     from training.labelled import load_data
-    from training.quantize import quantize_bundle
+    from training.quantize import ROW_TOLERANCE, quantize_bundle
 
     from collections import Counter
 
@@ -85,6 +85,7 @@ def run_quantize(args: argparse.Namespace) -> None:
              ", ".join(f"{name} x {counts[i]:,}" for i, name in enumerate(manifest.labels) if counts[i]))
     quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss,
                     threshold_rows=held_out_rows(args, manifest),
+                    max_batch_dependence=args.max_batch_dependence or ROW_TOLERANCE,
                     method=args.method, calibration_inputs=calibration_text(args, manifest))
     print(f"int8 bundle written to {args.out}")
 
@@ -118,6 +119,9 @@ def register_bundle_commands(subparsers) -> None:
     quantize.add_argument("--calibration-tolerance", type=float, default=0.5)
     quantize.add_argument("--max-loss", type=float, default=0.5,
                           help="refuse the int8 bundle if full-depth dev accuracy drops by more points")
+    quantize.add_argument("--max-batch-dependence", type=float,
+                          help="refuse the int8 bundle if a row's probabilities move by more than this "
+                               "between two batchings (default: training.quantize.ROW_TOLERANCE, 1e-5)")
     quantize.add_argument("--method", choices=["static", "fused", "weight-only"], default="static",
                           help="static: int8 compute, activation scales calibrated offline (default); "
                                "fused: static int8 with BERT layers rebuilt on fused attention "

@@ -195,7 +195,8 @@ def layer_accuracy(engine: Engine, encoder: TextEncoder, inputs: Sequence, label
 def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_labels: np.ndarray,
                     tolerance_points: float = 0.5, max_loss_points: float = 0.5,
                     method: str = "static", calibration_inputs: Sequence | None = None,
-                    threshold_rows: tuple[Sequence, np.ndarray, DataFileRecord] | None = None) -> None:
+                    threshold_rows: tuple[Sequence, np.ndarray, DataFileRecord] | None = None,
+                    max_batch_dependence: float = ROW_TOLERANCE) -> None:
     """Write the int8 bundle to out_dir, refusing it if full-depth dev accuracy drops by more
     than `max_loss_points` against the fp32 source, or if a row's answer depends on its batch."""
     if method not in METHODS:
@@ -238,8 +239,10 @@ def quantize_bundle(source: Path, out_dir: Path, dev_inputs: Sequence, dev_label
                                       f"--max-loss); the int8 bundle is not written")
         with progress.phase("row independence check", f"{min(len(dev_inputs), 256)} rows, two batchings"):
             batch_dependence = row_independence(engine, encoder, dev_inputs[:256])
-        if batch_dependence > ROW_TOLERANCE:
-            raise RuntimeError(f"quantised rows depend on their batch: max |diff| {batch_dependence:.2e}")
+        if batch_dependence > max_batch_dependence:
+            raise QuantizationRefused(f"quantised rows depend on their batch: max |diff| {batch_dependence:.2e} "
+                                      f"(> {max_batch_dependence:g}, --max-batch-dependence); "
+                                      "the int8 bundle is not written")
         manifest.quantization = QuantizationReport(
             method=description, batch_dependence=batch_dependence,
             source_bytes=sum(f.bytes for f in read_manifest(source, verify_files=False).files),

@@ -1,12 +1,14 @@
 from app.cli import main
 from app.manifest import read_manifest
 from app.registry import load_model
+from tests.tiny import TINY_INT8_ROW_TOLERANCE
 
 
 def test_quantized_bundle_is_smaller_verified_recalibrated_and_carded(tiny_bundle, tmp_path):
     out = tmp_path / "models" / "tiny-int8"
     main(["quantize", str(tiny_bundle["bundle"]), "--out", str(out), "--dev", str(tiny_bundle["dev"]),
-          "--max-loss", "100"])  # a random tiny model's accuracy is noise; the gate is tested below
+          "--max-loss", "100", "--max-batch-dependence", str(TINY_INT8_ROW_TOLERANCE)])
+    # (a random tiny model's accuracy is noise; both gates are tested below)
     source, quantized = read_manifest(tiny_bundle["bundle"]), read_manifest(out)
     assert sum(f.bytes for f in quantized.files) < sum(f.bytes for f in source.files)
     assert quantized.quantization.fp32_dev_accuracy == [r.accuracy for r in source.dev_results]
@@ -45,6 +47,28 @@ def test_quantize_refuses_an_accuracy_loss_beyond_the_gate(tiny_bundle, tmp_path
     assert info.value.code == 2
     assert "offramp: error: int8 loses 2.00 points" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_refuses_rows_that_depend_on_their_batch(tiny_bundle, tmp_path, monkeypatch, capsys):
+    import pytest
+
+    import training.quantize as q
+
+    real = q.row_independence
+    measured = []
+
+    def measure(*args):
+        measured.append(real(*args))
+        return measured[-1]
+
+    monkeypatch.setattr(q, "row_independence", measure)
+    with pytest.raises(SystemExit) as info:  # a bound under what this bundle measures
+        main(["quantize", str(tiny_bundle["bundle"]), "--out", str(tmp_path / "x"), "--dev",
+              str(tiny_bundle["dev"]), "--max-loss", "100", "--max-batch-dependence", "-1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"quantised rows depend on their batch: max |diff| {measured[0]:.2e}" in err
+    assert "--max-batch-dependence" in err and not (tmp_path / "x").exists()
 
 
 def test_static_int8_layers_compute_in_int8_with_uint8_activations(tiny_int8_bundle):
