@@ -121,6 +121,8 @@ def run_multitask(args: argparse.Namespace) -> None:
             raise CommandError(f"--limit {name}={','.join(values)}: expected a task's name = a row count")
         limits[name] = int(values[0])
     checkpoint = output_paths(args)
+    if args.student_from and cfg.joint_exits:
+        raise CommandError("--joint-exits trains the student, which --student-from keeps: give one of them")
     if args.student_from and args.student_from.resolve() == checkpoint.resolve():
         raise CommandError(f"--student-from {args.student_from}: give another --checkpoint to write to")
     teachers_dir = args.teachers_dir or checkpoint.with_name(checkpoint.name + "-teachers")

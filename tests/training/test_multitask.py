@@ -219,3 +219,72 @@ def test_student_from_trains_only_the_exits_afresh(tiny_multitask_bundle, tiny_m
     assert refused.value.code == 2 and not (tmp_path / "bad").exists()
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--student-from" in line and "not [('sent', 2), ('pair', 2)]" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_multitask_bundle, tiny_multitask_data):
+    from app.encoding import TextEncoder
+    from training.multitask_data import TaskFiles
+
+    encoder = TextEncoder.from_file(tiny_multitask_bundle / "tokenizer.json", 128)
+    parts = [read_part(TaskFiles(name, train, dev), encoder, 0.1, 32)
+             for name, (train, dev) in tiny_multitask_data.items()]
+    return parts, str(tiny_multitask_bundle.parent.parent / "bert")
+
+
+def _exit_weights(model):
+    return [p.detach().clone() for name in model.task_names for head in model.task_heads[name][:-1]
+            for p in head.parameters()]
+
+
+def test_joint_exits_train_every_task_s_exits_with_the_student(tiny_parts):
+    """--joint-exits: the student's training moves every task's exits; without it they stay as
+    made (the exit stage is off here: distill_epochs 0)."""
+    from training import loop
+    from training.methods.multitask import MultiTaskConfig, train_student
+    from training.model import load_backbone
+    from training.multitask_model import MultiTaskModel
+
+    parts, encoder = tiny_parts
+    exits = {}
+    for joint in (0.0, 1.0):
+        cfg = MultiTaskConfig(epochs=1, distill_epochs=0, batch_size=16, lr=1e-3, head_width=16, joint_exits=joint)
+        exits[joint] = _exit_weights(train_student(parts, encoder, cfg, {}))
+    loop.seed_everything(cfg.seed)  # the exits as train_student makes them
+    made = _exit_weights(MultiTaskModel(load_backbone(encoder), [(p.name, p.width) for p in parts], cfg.exit_head,
+                                        cfg.head_width, cfg.dropout))
+    assert all(torch.equal(a, b) for a, b in zip(made, exits[0.0]))
+    assert all(not torch.equal(a, b) for a, b in zip(made, exits[1.0]))
+    with pytest.raises(ValueError, match="joint_exits"):
+        train_student(parts, encoder, MultiTaskConfig(epochs=1, joint_exits=-1.0), {})
+
+
+def test_joint_student_loss_adds_the_mean_loss_of_the_exits(tiny_parts):
+    from training.methods.multitask import student_task_loss
+    from training.model import load_backbone
+    from training.multitask_model import MultiTaskModel
+
+    parts, encoder = tiny_parts
+    torch.manual_seed(0)
+    model = MultiTaskModel(load_backbone(encoder), [(p.name, p.width) for p in parts], "fastbert", 16, 0.0).eval()
+    for part in parts:  # a classification task with a teacher, and the regression task without one
+        batch = next(iter(part.train.batches(8, shuffle=False)))
+        teacher = torch.softmax(torch.randn(len(batch.labels), part.width), -1) if part.kind != "regression" else None
+        loss = mtdnn_kd_regression if part.kind == "regression" else mtdnn_kd_classification
+        with torch.no_grad():
+            states = model.hidden_states(*batch.inputs())
+            each = [loss(model.task_logits(part.name, i, h, batch.attention_mask), batch.labels, teacher)
+                    for i, h in enumerate(states)]
+            expected = each[-1] + 0.5 * sum(each[:-1]) / (len(each) - 1)
+            assert torch.isclose(student_task_loss(model, part, states, batch, teacher, 0.5), expected)
+            assert torch.isclose(student_task_loss(model, part, states, batch, teacher), each[-1])
+
+
+def test_joint_exits_with_student_from_is_one_line(tmp_path, capsys):
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "multitask", "--teacher", "x", "--task", "a=a.tsv,b.tsv", "--student-from", str(tmp_path / "s"),
+              "--joint-exits", "1", "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "ckpt")])
+    assert refused.value.code == 2
+    assert "--joint-exits trains the student, which --student-from keeps" in capsys.readouterr().err

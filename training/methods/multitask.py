@@ -6,7 +6,9 @@
    per member and kept beside it.
 2. Student: one shared encoder, one classifier per task; mini-batches drawn task by task in
    proportion to task size; loss per task the average of CE(hard labels) and CE(soft targets)
-   (MSE for regression), a task without a teacher its plain loss.
+   (MSE for regression), a task without a teacher its plain loss. With `joint_exits` W > 0 the
+   task's exits train with it (PABEE / ElasticBERT joint training, as `train fastbert
+   --joint-exits`): loss = L(last) + W x mean_i L(exit i), the same loss at every exit.
 3. Exits: each task's exits self-distilled from its own (frozen) classifier, FastBERT's stage 2.
 """
 
@@ -45,6 +47,7 @@ class MultiTaskConfig:
     max_seq_length: int = 128
     batch_size: int = 32
     epochs: float = 3.0  # the multi-task student
+    joint_exits: float = 0.0  # student loss + joint_exits x the mean loss of the exits; 0 = last only
     lr: float = 5e-5
     warmup: float = 0.1
     weight_decay: float = 0.01
@@ -199,20 +202,37 @@ def train_student(parts: Sequence[TaskPart], encoder: str, cfg: MultiTaskConfig,
     targets = {name: torch.from_numpy(t).to(device) for name, t in soft_targets.items()}
     data = MultiTaskDataset([p.train for p in parts])
     last = model.num_layers - 1
+    if cfg.joint_exits < 0:
+        raise ValueError(f"joint_exits must be >= 0, not {cfg.joint_exits}")
+    joint = cfg.joint_exits > 0 and last > 0
 
     def student_loss(batch):
         part = parts[batch.task]
-        out = model.task_logits(part.name, last, model.hidden_states(*batch.inputs())[-1], batch.attention_mask)
         teacher = targets[part.name][batch.index.to(device)] if part.name in targets else None
-        if part.kind == "regression":
-            return mtdnn_kd_regression(out, batch.labels, teacher)
-        return mtdnn_kd_classification(out, batch.labels, teacher)
+        return student_task_loss(model, part, model.hidden_states(*batch.inputs()), batch, teacher, cfg.joint_exits)
 
-    classifiers = [p for part in parts for p in model.last_head(part.name).parameters()]
+    heads = (lambda name: model.task_heads[name]) if joint else (lambda name: [model.last_head(name)])
+    classifiers = [p for part in parts for head in heads(part.name) for p in head.parameters()]
     loop.train("multi-task student", list(model.backbone.parameters()) + classifiers, model, data, student_loss,
                cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup, cfg.weight_decay, cfg.seed, log_file, runtime=runtime)
     self_distil_task_exits(model, parts, cfg, runtime, log_file)
     return model.eval()
+
+
+def student_task_loss(model: MultiTaskModel, part: TaskPart, states: Sequence[torch.Tensor], batch,
+                      teacher: torch.Tensor | None, joint_exits: float = 0.0) -> torch.Tensor:
+    """MT-DNN-KD's loss L at the task's last classifier, plus joint_exits x the mean of the same
+    L at each of its exits below the last (0: the last alone)."""
+    task_loss = mtdnn_kd_regression if part.kind == "regression" else mtdnn_kd_classification
+
+    def at(layer: int) -> torch.Tensor:
+        return task_loss(model.task_logits(part.name, layer, states[layer], batch.attention_mask),
+                         batch.labels, teacher)
+
+    last = len(states) - 1
+    if joint_exits == 0 or last == 0:
+        return at(last)
+    return at(last) + joint_exits * torch.stack([at(i) for i in range(last)]).mean()
 
 
 def retrain_exits(checkpoint: Path, parts: Sequence[TaskPart], cfg: MultiTaskConfig,
