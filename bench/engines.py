@@ -4,9 +4,11 @@
         --data ../shared/data/glue/SST-2/dev.tsv [--batch-sizes 1,32] [--repeats 3] [--json out.json]
 
 Each argument is a bundle folder with optional `:key=value` settings: `groups=none|N` (the
-engine's `group_call_cost_tokens`; none: a batch always runs whole), `provider=cpu|openvino`.
+engine's `group_call_cost_tokens`; none: a batch always runs whole), `provider=cpu|openvino`,
+`order=file|shuffled` (rows in file order, the default, or shuffled with a fixed seed: what a
+server's batches of concurrent single-sentence requests hold, lengths mixed).
 Every configuration runs at full depth, at its bundle's recommended threshold and at any
-`--thresholds`, at each batch size (rows in file order), interleaved, median of the repeats; engine only (pre-tokenised, no HTTP).
+`--thresholds`, at each batch size, interleaved, median of the repeats; engine only (pre-tokenised, no HTTP).
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from app.calibration import make_batches
 
 def parse_config(spec: str) -> dict:
     path, *settings = spec.split(":")
-    config = {"label": spec, "bundle": Path(path), "provider": "cpu", "groups": GROUP_CALL_COST_TOKENS}
+    config = {"label": spec, "bundle": Path(path), "provider": "cpu", "groups": GROUP_CALL_COST_TOKENS,
+              "order": "file"}
     for item in settings:
         key, _, value = item.partition("=")
         if key == "groups":
             config["groups"] = None if value == "none" else float(value)
         elif key == "provider":
             config["provider"] = value
+        elif key == "order" and value in ("file", "shuffled"):
+            config["order"] = value
         else:
             raise SystemExit(f"python -m bench.engines: error: unknown setting {key!r} in {spec!r}")
     return config
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     for config in map(parse_config, args.configs):
         manifest = read_manifest(config["bundle"])
         inputs, labels = load_data(args.data, manifest)
+        if config["order"] == "shuffled":
+            order = np.random.default_rng(0).permutation(len(inputs))
+            inputs, labels = [inputs[i] for i in order], labels[order]
         encoder = open_encoder(config["bundle"], manifest)
         engine = open_engine(config["bundle"], manifest, provider=config["provider"], intra_op_threads=args.threads,
                              group_call_cost_tokens=config["groups"])

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from app.batcher import Batcher, DeadlineExceeded, Job, QueueFull, ShuttingDown
+from app.batcher import ASK_CLIENTS_AFTER_S, Batcher, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from app.registry import load_model
 
 TEXTS = ["a gripping , beautifully acted film", "dull", "the plot makes no sense at all , and the "
@@ -95,7 +95,8 @@ def test_expired_cancelled_and_disconnected_requests_are_not_computed(model):
     async def main():
         batcher = Batcher(model.engine, max_wait_ms=1, on_batch=lambda s: computed.append(s.rows))
         expired = job(model, ["a"], 0.0, deadline=time.monotonic() - 1)
-        disconnected = job(model, ["b", "c"], 0.0, is_disconnected=gone)
+        # queued long enough for its client to be asked (ASK_CLIENTS_AFTER_S)
+        disconnected = job(model, ["b", "c"], 0.0, is_disconnected=gone, enqueued=time.monotonic() - 1)
         fine = job(model, ["d"], 0.0)
         tasks = [asyncio.ensure_future(batcher.submit(j)) for j in (expired, disconnected, fine)]
         cancelled = asyncio.ensure_future(batcher.submit(job(model, ["e", "f", "g"], 0.0)))
@@ -111,6 +112,35 @@ def test_expired_cancelled_and_disconnected_requests_are_not_computed(model):
     assert isinstance(results[1], ConnectionAbortedError)
     assert results[2].exit_layer.tolist() == [3]
     assert computed == [1]  # only the one live row ran
+
+
+def test_only_clients_of_requests_queued_a_while_are_asked(model):
+    """Asking a client yields to the event loop; a fresh request is computed unasked, one queued
+    longer than ASK_CLIENTS_AFTER_S is asked (and dropped if its client is gone)."""
+    asked = []
+
+    def client(name, there):
+        async def is_disconnected():
+            asked.append(name)
+            return not there
+        return is_disconnected
+
+    async def main():
+        batcher = Batcher(model.engine, max_wait_ms=1)
+        old = time.monotonic() - 2 * ASK_CLIENTS_AFTER_S
+        jobs = [job(model, ["a"], 0.0, is_disconnected=client("fresh, gone", False)),
+                job(model, ["b"], 0.0, is_disconnected=client("old, there", True), enqueued=old),
+                job(model, ["c"], 0.0, is_disconnected=client("old, gone", False), enqueued=old)]
+        tasks = [asyncio.ensure_future(batcher.submit(j)) for j in jobs]
+        batcher.start()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert sorted(asked) == ["old, gone", "old, there"]
+    assert results[0].exit_layer.tolist() == results[1].exit_layer.tolist() == [3]
+    assert isinstance(results[2], ConnectionAbortedError)
 
 
 def test_stop_answers_everything_queued_then_refuses(model):

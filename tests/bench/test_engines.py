@@ -22,3 +22,15 @@ def test_bundles_and_a_cascade_run_side_by_side_at_every_threshold(tiny_bundle, 
     assert cascade[0.0]["accuracy"] == single[0.0]["accuracy"]  # full depth is the transformer's answer
     assert sum(run["recommended"] for run in cascade.values()) == 1
     assert all(run["rows_per_s"]["8"] > 0 for run in report["runs"])
+
+
+def test_shuffled_rows_batch_differently_and_score_the_same(tiny_bundle):
+    bundle = str(tiny_bundle["bundle"])
+    report = main([bundle, f"{bundle}:order=shuffled", "--data", str(tiny_bundle["dev"]), "--batch-sizes", "1,8",
+                   "--repeats", "1"])
+    file_order, shuffled = ({r["threshold"]: r for r in report["runs"] if r["config"] == c}
+                            for c in (bundle, f"{bundle}:order=shuffled"))
+    for threshold in file_order:  # every row gets its own answer, whatever its batch (a row within
+        # rounding of its threshold may leave a layer apart: tests/app/test_engine_groups.py)
+        assert abs(shuffled[threshold]["accuracy"] - file_order[threshold]["accuracy"]) < 0.03
+        assert abs(shuffled[threshold]["mean_exit_layer"] - file_order[threshold]["mean_exit_layer"]) < 0.05
