@@ -26,6 +26,29 @@ PROVIDER_NAMES = ("cpu", "cuda", "openvino")
 SINGLE_THREAD_TOKENS = 64
 
 
+# One intra-op pool for every session of the process (ONNX Runtime's global thread pool), or None:
+# a pool per session. Shared, the pool's threads go straight from one layer's call to the next
+# instead of waking a sleeping pool each time; its threads spin-wait (ONNX Runtime's global pools
+# always do), which per-session pools must not: an idle session's spinning threads would take
+# the CPU from the running one. Measured in docs/benchmarks.md; off by default.
+_shared_pool_threads: int | None = None
+
+
+def use_shared_thread_pool(threads: int) -> None:
+    """Every ONNX Runtime session this process creates from now on runs on one pool of `threads`
+    threads. Call before the process's first session: ONNX Runtime ignores it afterwards."""
+    import onnxruntime as ort
+
+    global _shared_pool_threads
+    if _shared_pool_threads is None:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _shared_pool_threads = threads
+
+
+def shared_thread_pool() -> int | None:
+    return _shared_pool_threads
+
+
 class BackendUnavailable(RuntimeError):
     """The requested runtime is not installed."""
 
@@ -46,12 +69,15 @@ def ort_session_options(intra_op_threads: int, denormal_as_zero: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # One session per layer: threads spinning in idle sessions would steal the CPU
-    # from the session that is running.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _shared_pool_threads is not None:  # the process's one pool (use_shared_thread_pool)
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        # One session per layer: threads spinning in idle sessions would steal the CPU
+        # from the session that is running.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # No CPU memory arena: with ever-changing shapes (rows x tokens) it keeps the peak of
     # every shape it has seen, so memory climbs with each new longest batch (one batch of
     # 32 long rows took a process from 250 to 807 MB, for good); without it memory
@@ -97,7 +123,7 @@ class OrtBackend:
         # Small calls on the CPU go to one-thread twins of the layer sessions (same graphs, same
         # kernels: the answer does not change, only who computes it).
         self.narrow_layers = self.narrow_heads = None
-        if self.device == "cpu" and threads > 1:
+        if self.device == "cpu" and threads > 1 and _shared_pool_threads is None:
             narrow = ort_session_options(1)
             self.narrow_layers = [session(name, narrow) for name in manifest.graphs.layers]
             self.narrow_heads = [[session(name, narrow) for name in files] for files in head_files]

@@ -38,6 +38,11 @@ def serve(args: argparse.Namespace) -> None:
         print(f"offramp serve: error: {refusal}", file=sys.stderr)
         sys.exit(2)
     limit_malloc_arenas()
+    if settings.shared_thread_pool:
+        from app.backends import use_shared_thread_pool
+        from app.threads import cpu_quota
+
+        use_shared_thread_pool(settings.intra_op_threads or cpu_quota())
     logs.configure(settings.log_level)
     app = create_app(settings)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.backends import shared_thread_pool, use_shared_thread_pool
 from app.bundle import open_encoder, open_engine
 from app.engine import GROUP_CALL_COST_TOKENS
 from app.manifest import read_manifest
@@ -56,8 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--thresholds", default="", metavar="LIST",
                    help="more thresholds to run every configuration at (an accuracy/speed curve per "
                         "configuration, measured in the same run)")
+    p.add_argument("--shared-thread-pool", action="store_true",
+                   help="every session on one spin-waiting pool (the server's OFFRAMP_SHARED_THREAD_POOL); "
+                        "process-wide, so compare it in separate runs: python -m bench.thread_pool")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.shared_thread_pool:
+        use_shared_thread_pool(args.threads)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     runs = []
     for config in map(parse_config, args.configs):
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run["accuracy"] = float((predictions == run["labels"]).mean())
                 run["mean_exit_layer"] = float(np.concatenate([r.exit_layer for r in results]).mean())
     report = {"data": str(args.data), "threads": args.threads, "repeats": args.repeats,
+              "shared_thread_pool": shared_thread_pool() is not None,
               "machine": machine_info(), "runs": []}
     print(f"{'configuration':<48} | threshold | accuracy | " + " | ".join(f"rows/s b{b}" for b in sizes))
     for run in runs:
