@@ -150,7 +150,6 @@ class Batcher:
         self.merge_requests = merge_requests  # False: every request is its own batch
         self.on_batch = on_batch
         self.auditor = auditor  # app/audit.py: sampled rows run again to full depth when idle
-        self.ask_clients_after_s = ASK_CLIENTS_AFTER_S
         self._pending: list[tuple[Job, int]] = []  # (job, row), oldest first
         self._reserved_rows = 0  # admitted, still being tokenised
         self._wakeup = asyncio.Event()
@@ -249,7 +248,7 @@ class Batcher:
         # compute (docs/serving.md). So only requests queued long enough for their client to have
         # plausibly given up are asked, all at once; a fresh row costs less to compute than to ask.
         asked = [job for job in jobs if job.is_disconnected is not None and not job.future.done()
-                 and now - job.enqueued >= self.ask_clients_after_s]
+                 and now - job.enqueued >= ASK_CLIENTS_AFTER_S]
         gone = {}
         if asked:
             gone = dict(zip(map(id, asked), await asyncio.gather(*(job.is_disconnected() for job in asked))))

@@ -85,7 +85,8 @@ def run_quantize(args: argparse.Namespace) -> None:
              ", ".join(f"{name} x {counts[i]:,}" for i, name in enumerate(manifest.labels) if counts[i]))
     quantize_bundle(args.bundle, args.out, inputs, labels, args.calibration_tolerance, args.max_loss,
                     threshold_rows=held_out_rows(args, manifest),
-                    max_batch_dependence=args.max_batch_dependence or ROW_TOLERANCE,
+                    max_batch_dependence=ROW_TOLERANCE if args.max_batch_dependence is None
+                    else args.max_batch_dependence,
                     method=args.method, calibration_inputs=calibration_text(args, manifest))
     print(f"int8 bundle written to {args.out}")
 

@@ -211,8 +211,9 @@ def train_student(parts: Sequence[TaskPart], encoder: str, cfg: MultiTaskConfig,
         teacher = targets[part.name][batch.index.to(device)] if part.name in targets else None
         return student_task_loss(model, part, model.hidden_states(*batch.inputs()), batch, teacher, cfg.joint_exits)
 
-    heads = (lambda name: model.task_heads[name]) if joint else (lambda name: [model.last_head(name)])
-    classifiers = [p for part in parts for head in heads(part.name) for p in head.parameters()]
+    classifiers = [p for part in parts
+                   for head in (model.task_heads[part.name] if joint else [model.last_head(part.name)])
+                   for p in head.parameters()]
     loop.train("multi-task student", list(model.backbone.parameters()) + classifiers, model, data, student_loss,
                cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup, cfg.weight_decay, cfg.seed, log_file, runtime=runtime)
     self_distil_task_exits(model, parts, cfg, runtime, log_file)
