@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PEERS_ONLY = ("calibration", "batch_sizes", "plot", "limit", "provider")
+PEERS_ONLY = ("calibration", "batch_sizes", "plot", "limit", "provider", "spin_wait")
 SWEEP_ONLY = ("batch_size", "baseline", "reference", "latency_rows", "policy", "patience")
 
 
@@ -119,6 +119,10 @@ def add_peers_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive, metavar="N", help="only the first N rows of --data")
     p.add_argument("--provider", choices=["cpu", "openvino", "cuda"], default=None,
                    help="offramp engine's runtime (default cpu); the peers always run on the CPU")
+    p.add_argument("--spin-wait", choices=["off", "on"], default=None,
+                   help="thread pools of every system sleep between calls (off, default) or spin-wait "
+                        "(on: offramp on one shared pool, ONNX Runtime's allow_spinning, "
+                        "OMP_WAIT_POLICY=ACTIVE)")
 
 
 def register(subparsers) -> None:

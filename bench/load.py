@@ -5,7 +5,9 @@
 
 With --compare-batching it starts `offramp serve` itself twice on this machine, with dynamic
 batching on and off (every request its own batch), and runs the same load against each in one
-run, so the two figures are comparable.
+run, so the two figures are comparable. With --compare-thread-pool as well, four servers: each of
+those with a thread pool per session and with one shared pool (OFFRAMP_SHARED_THREAD_POOL), all up
+at once, the runs interleaved.
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server")
     p.add_argument("--compare-batching", action="store_true", help="start servers with batching on and off")
+    p.add_argument("--compare-thread-pool", action="store_true",
+                   help="with --compare-batching: each server also with one shared ONNX Runtime thread pool "
+                        "(runs named *_shared_pool)")
     p.add_argument("--model-dir", type=Path, default=Path("models"))
     p.add_argument("--model", help="model name (default: the server's default model)")
     p.add_argument("--data", type=Path, required=True, help="file of sentences (first text column)")
@@ -173,10 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         # machine a disturbance then hits both settings alike.
         servers = {}
         try:
-            for name, batching in (("batching", True), ("no_batching", False)):
-                servers[name] = start_server(args.model_dir, batching=batching, intra_op_threads=args.threads,
-                                             log_level="warning",
-                                             max_batch_rows=args.max_batch_rows if batching else None)
+            pools = {"": False, "_shared_pool": True} if args.compare_thread_pool else {"": None}
+            for suffix, shared in pools.items():
+                for name, batching in (("batching", True), ("no_batching", False)):
+                    servers[name + suffix] = start_server(
+                        args.model_dir, batching=batching, intra_op_threads=args.threads, log_level="warning",
+                        max_batch_rows=args.max_batch_rows if batching else None, shared_thread_pool=shared)
             trials = {name: [] for name in servers}
             for _ in range(args.repeats):
                 for name, (_, url) in servers.items():
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=60)
+    elif args.compare_thread_pool:
+        p.error("--compare-thread-pool needs --compare-batching")
     elif args.url:
         runs["server"] = asyncio.run(run_load(args.url, args.model, texts, args.clients, args.requests, args.threshold))
     else:
@@ -201,15 +210,25 @@ def main(argv: list[str] | None = None) -> None:
                                                        "cores": os.cpu_count()}, "runs": runs}
     if "batching" in runs and "no_batching" in runs:
         report["batching_speedup"] = runs["batching"]["throughput_rps"] / runs["no_batching"]["throughput_rps"]
-    print(f"{'run':<12} | {'req/s':>8} | {'p50 ms':>7} | {'p95 ms':>7} | {'p99 ms':>7} | errors | mean exit")
+    if "batching_shared_pool" in runs:
+        report["thread_pool"] = {"per_session": "batching, no_batching", "shared": "*_shared_pool"}
+        report["batching_speedup_shared_pool"] = (runs["batching_shared_pool"]["throughput_rps"]
+                                                  / runs["no_batching_shared_pool"]["throughput_rps"])
+        report["shared_pool_vs_per_session"] = {
+            name: runs[name + "_shared_pool"]["throughput_rps"] / runs[name]["throughput_rps"]
+            for name in ("batching", "no_batching")}
+    print(f"{'run':<23} | {'req/s':>8} | {'p50 ms':>7} | {'p95 ms':>7} | {'p99 ms':>7} | errors | mean exit")
     for name, r in runs.items():
         lat = r["latency_ms"] or {}
-        print(f"{name:<12} | {r['throughput_rps']:8.1f} | {lat.get('p50', 0):7.1f} | {lat.get('p95', 0):7.1f} | "
+        print(f"{name:<23} | {r['throughput_rps']:8.1f} | {lat.get('p50', 0):7.1f} | {lat.get('p95', 0):7.1f} | "
               f"{lat.get('p99', 0):7.1f} | {sum(r['errors'].values()):6d} | {r['mean_exit_layer']}")
     if "http_ceiling" in runs and "no_batching" in runs:
         report["http_ceiling_vs_no_batching"] = runs["http_ceiling"]["throughput_rps"] / runs["no_batching"]["throughput_rps"]
     if "batching_speedup" in report:
         print(f"batching throughput / no batching: {report['batching_speedup']:.2f}x")
+    if "shared_pool_vs_per_session" in report:
+        print(f"shared pool: batching / no batching {report['batching_speedup_shared_pool']:.2f}x; shared / per "
+              "session: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["shared_pool_vs_per_session"].items()))
     if "http_ceiling_vs_no_batching" in report:
         print(f"HTTP layer alone (422 before the queue) / no batching: {report['http_ceiling_vs_no_batching']:.2f}x: "
               f"batching cannot exceed this ratio on this machine")

@@ -49,6 +49,7 @@ class PeerSource:
     threads: int
     work: Path
     calibration: Callable[[], tuple[list[EncodedBatch], dict]]
+    spin_wait: bool = False  # bench.peers --spin-wait: ort peers on ONNX Runtime's global pool
     _graphs: dict = field(default_factory=dict)
 
     def onnx(self) -> Path:
@@ -63,9 +64,12 @@ class PeerSource:
             from onnxruntime.transformers.optimizer import optimize_model
 
             config = _config(self.checkpoint)
+            # opt_level 0: the fusions alone, no ONNX Runtime session (which would make its own
+            # thread pool, refused once --spin-wait on has made the global one); the peer's session
+            # applies ONNX Runtime's graph optimisations when it loads, as at any level.
             optimized = optimize_model(str(self.onnx()), model_type="bert",
                                        num_heads=config["num_attention_heads"],
-                                       hidden_size=config["hidden_size"])
+                                       hidden_size=config["hidden_size"], opt_level=0)
             path = self.work / "model.fused.onnx"
             optimized.save_model_to_file(str(path))
             stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
@@ -160,14 +164,17 @@ def build_torch(src: PeerSource) -> Peer:
         "threads": torch.get_num_threads(), "precision": "fp32"})
 
 
-def _ort_peer(name: str, path: Path, threads: int, details: dict) -> Peer:
+def _ort_peer(name: str, path: Path, threads: int, spin_wait: bool, details: dict) -> Peer:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as offramp's engine
+    if spin_wait:  # ONNX Runtime's global pool (offramp's engine is on it): it always spins
+        options.use_per_session_threads = False
+    else:  # as offramp's engine: its own pool, sleeping between calls
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
 
@@ -175,12 +182,14 @@ def _ort_peer(name: str, path: Path, threads: int, details: dict) -> Peer:
         return session.run(None, _feeds(batch, wanted))[0]
 
     return Peer(name, predict, {"onnxruntime": ort.__version__, "opset": OPSET,
-                                "graph_bytes": path.stat().st_size, "threads": threads, **details})
+                                "graph_bytes": path.stat().st_size, "threads": threads,
+                                "thread_pool": "global, spin-waiting" if spin_wait else "per session, no spinning",
+                                **details})
 
 
 def build_ort(src: PeerSource) -> Peer:
     path, stats = src.fused()
-    return _ort_peer("ort", path, src.threads, {"precision": "fp32", "fused_operators": stats})
+    return _ort_peer("ort", path, src.threads, src.spin_wait, {"precision": "fp32", "fused_operators": stats})
 
 
 def build_ort_int8(src: PeerSource) -> Peer:
@@ -192,7 +201,7 @@ def build_ort_int8(src: PeerSource) -> Peer:
     # ONNX shape inference does not know the fused contrib ops: their outputs are fp32.
     quantize_dynamic(str(fused), str(path), weight_type=QuantType.QInt8,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return _ort_peer("ort-int8", path, src.threads, {
+    return _ort_peer("ort-int8", path, src.threads, src.spin_wait, {
         "precision": "int8 weights (quantize_dynamic, QInt8), activations quantised per batch",
         "fused_operators": stats})
 

@@ -10,11 +10,18 @@ CPU's default inference precision), ct2-int8 (CTranslate2 int8 encoder + the tea
 Methodology: the rows are tokenised once with the bundle's tokenizer; batch size B is the rows in
 file order in batches of B, each padded to its own longest row; every system gets the same arrays
 (tokenisation is not timed for anyone). Every system runs with the same intra-op thread count and
-one inter-op thread / stream. Spin-waiting is off everywhere it can be: ONNX Runtime's
-`session.intra_op.allow_spinning` is "0" (offramp's engine and the ort peers), and
-OMP_WAIT_POLICY=PASSIVE is set when this module is imported, before torch and ctranslate2 load
-their OpenMP runtimes (recorded in "spin_wait"; a runtime imported earlier keeps the policy it
-started with). OpenVINO's CPU plugin runs on a TBB pool, which has no spin setting.
+one inter-op thread / stream, and spin-waiting is set the same way for all, off or on:
+  --spin-wait off (default): ONNX Runtime's `session.intra_op.allow_spinning` is "0" (offramp's
+    engine, a pool per session as the server runs by default, and the ort peers), and
+    OMP_WAIT_POLICY=PASSIVE for torch and ctranslate2;
+  --spin-wait on: offramp's engine and the ort peers on ONNX Runtime's global pool, which always
+    spin-waits (the server's OFFRAMP_SHARED_THREAD_POOL; once it exists ONNX Runtime refuses
+    per-session pools), and OMP_WAIT_POLICY=ACTIVE.
+The OpenMP policy is set when `run_peers` starts, before torch and ctranslate2 load their OpenMP
+runtimes (recorded in "spin_wait"; a runtime loaded earlier keeps the policy it started with, and
+ONNX Runtime's shared pool only exists if no session was made before it: run --spin-wait on in a
+process of its own, as the command line does). OpenVINO's CPU plugin runs on a TBB pool, which
+has no spin setting.
 Each system is warmed up on a few batches at every batch size, then the passes are interleaved:
 for every repeat, for every batch size, for every system (offramp at each threshold, then each
 peer), one timed pass over all rows; rows/s is the median over the repeats, and every pass time is
@@ -38,27 +45,27 @@ from __future__ import annotations
 import os
 import sys
 
-_OPENMP_ALREADY_LOADED = {m: m in sys.modules for m in ("torch", "ctranslate2")}
-os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch / ctranslate2 start OpenMP
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from app.encoding import TextEncoder  # noqa: E402
-from app.engine import Engine  # noqa: E402
-from app.manifest import Manifest, read_manifest  # noqa: E402
-from app.threads import cpu_quota  # noqa: E402
-from bench.peer_runtimes import (  # noqa: E402
+from app.backends import shared_thread_pool, use_shared_thread_pool
+from app.calibration import make_batches
+from app.encoding import TextEncoder
+from app.engine import Engine
+from app.manifest import Manifest, read_manifest
+from app.threads import cpu_quota
+from bench.peer_runtimes import (
     INSTALL_HINT, PEERS, RANDOM_HEAD, PeerSkipped, PeerSource, build_peer, peer_weights)
-from bench.report import BenchError, load_data, machine_info, write_json  # noqa: E402
-from app.calibration import make_batches  # noqa: E402
-from training.data import read_examples  # noqa: E402
+from bench.report import BenchError, load_data, machine_info, write_json
+from training.data import read_examples
+
+OPENMP_RUNTIMES = ("torch", "ctranslate2")
 
 DEFAULT_THRESHOLDS = [round(0.1 * i, 1) for i in range(11)]
 DEFAULT_BATCH_SIZES = (1, 32)
@@ -113,8 +120,10 @@ def run_peers(bundle_dir: Path, data: Path, peers: str | Sequence[str] = "all",
               threads: int | None = None, thresholds: Sequence[float] | None = None,
               provider: str = "cpu", limit: int | None = None,
               text_columns: Sequence[str] | None = None, label_column: str | None = None,
-              log: Callable[[str], None] = _stderr) -> dict:
+              spin_wait: bool = False, log: Callable[[str], None] = _stderr) -> dict:
     """The whole report as a JSON-ready dict (layout in the module docstring)."""
+    openmp_loaded = {m: m in sys.modules for m in OPENMP_RUNTIMES}
+    os.environ["OMP_WAIT_POLICY"] = "ACTIVE" if spin_wait else "PASSIVE"  # before OpenMP starts
     names = parse_peers(peers)
     batch_sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
     if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or (limit is not None and limit < 1):
@@ -127,6 +136,11 @@ def run_peers(bundle_dir: Path, data: Path, peers: str | Sequence[str] = "all",
     threads = threads or cpu_quota()
     thresholds = sorted({0.0, *(DEFAULT_THRESHOLDS if thresholds is None else thresholds),
                          float(manifest.recommended_threshold)})
+    if spin_wait:
+        use_shared_thread_pool(threads)
+        if shared_thread_pool() != threads:
+            raise BenchError(f"--spin-wait on: this process's shared pool has {shared_thread_pool()} "
+                             f"threads, not --threads {threads}")
     try:
         engine = Engine(bundle_dir, manifest, provider=provider, intra_op_threads=threads)
     except (ValueError, RuntimeError) as exc:
@@ -154,7 +168,7 @@ def run_peers(bundle_dir: Path, data: Path, peers: str | Sequence[str] = "all",
                 log(f"warning: peers run the bundle's architecture with a random classifier head ({why}): "
                     f"their speed is meaningful, their accuracy is not")
             source = PeerSource(weights_dir, manifest, encoder, bundle_dir / manifest.tokenizer, threads,
-                                Path(work), lambda: calibration_data)
+                                Path(work), lambda: calibration_data, spin_wait=spin_wait)
             for name in names:
                 log(f"building peer {name}")
                 try:
@@ -174,6 +188,7 @@ def run_peers(bundle_dir: Path, data: Path, peers: str | Sequence[str] = "all",
                 torch.set_num_threads(previous_torch_threads)
     report = _report(bundle_dir, data, labels, threads, batch_sizes, repeats, provider, machine,
                      weights, weights_dir, manifest, thresholds, built, skipped, results)
+    report["spin_wait"] = spin_settings(spin_wait, openmp_loaded)
     report["offramp_runtime"] = str(getattr(engine, "active_provider", provider))
     return report
 
@@ -242,14 +257,21 @@ def _report(bundle_dir, data, labels, threads, batch_sizes, repeats, provider, m
         "bundle": str(bundle_dir), "data": str(data), "rows": rows, "threads": threads,
         "batch_sizes": batch_sizes, "repeats": repeats, "provider": provider, "machine": machine,
         "peer_weights": weights, "checkpoint": str(weights_dir) if weights == "checkpoint" else None,
-        "spin_wait": {"onnxruntime": "session.intra_op.allow_spinning=0",
-                      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                      "omp_policy_set_before_import": {m: not loaded for m, loaded
-                                                       in _OPENMP_ALREADY_LOADED.items()},
-                      "openvino": "TBB pool: no spin setting"},
         "offramp": offramp, "peers": peers, "skipped": skipped, "fastest_peer": fastest,
         "recommended_threshold": manifest.recommended_threshold,
     }
+
+
+def spin_settings(spin_wait: bool, openmp_loaded: dict) -> dict:
+    engine = ("one shared ONNX Runtime pool, spin-waiting" if spin_wait
+              else "a pool per session, session.intra_op.allow_spinning=0")
+    return {"mode": "on" if spin_wait else "off", "offramp": engine,
+            "offramp_shared_pool_threads": shared_thread_pool(),
+            "ort_peers": ("the same shared pool" if spin_wait
+                          else "a pool per session, session.intra_op.allow_spinning=0"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_policy_set_before_import": {m: not loaded for m, loaded in openmp_loaded.items()},
+            "openvino": "TBB pool: no spin setting"}
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -281,7 +303,7 @@ def format_table(report: dict) -> str:
         return " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     out = [f"{report['bundle']} on {report['data']}: {report['rows']} rows, {report['threads']} thread(s), "
-           f"median of {report['repeats']} interleaved pass(es), {report['machine']['cpu']}",
+           f"spin-waiting {report['spin_wait']['mode']} for all, median of {report['repeats']} interleaved pass(es), {report['machine']['cpu']}",
            fmt(header), "-+-".join("-" * w for w in widths), *(fmt(row) for row in lines),
            f"* recommended threshold (manifest): {recommended:.2f}"]
     if any(fastest.values()):
@@ -354,7 +376,7 @@ def run_peers_command(args: argparse.Namespace, prog: str = "offramp bench") -> 
             batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES, repeats=args.repeats or 3,
             threads=args.threads, thresholds=args.thresholds, provider=args.provider or "cpu",
             limit=args.limit, text_columns=args.text_columns.split(",") if args.text_columns else None,
-            label_column=args.label_column)
+            label_column=args.label_column, spin_wait=args.spin_wait == "on")
     except ImportError as exc:
         raise SystemExit(f"{prog}: error: --plot needs matplotlib ({INSTALL_HINT}): {exc}") from exc
     except (BenchError, DataError, ManifestError) as exc:

@@ -101,6 +101,36 @@ def test_table_and_plot(peers_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_spin_waiting_is_off_for_every_system_by_default(peers_run):
+    report, _, _ = peers_run
+    spin = report["spin_wait"]
+    assert spin["mode"] == "off" and spin["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert spin["offramp_shared_pool_threads"] is None
+    assert report["peers"]["ort"]["details"]["thread_pool"] == "per session, no spinning"
+
+
+def test_spin_waiting_on_for_every_system(tiny_bundle, rows40, peers_run, tmp_path):
+    """--spin-wait on, in a process of its own as the policies need: offramp on the shared
+    pool, the ort peer spinning, OpenMP active; the answers are those of the run without."""
+    out = tmp_path / "spin.json"
+    subprocess.run([sys.executable, "-m", "bench.peers", str(tiny_bundle["bundle"]), "--data", str(rows40),
+                    "--json", str(out), "--peers", "ort,torch", "--batch-sizes", "1,4", "--repeats", "1",
+                    "--threads", "1", "--thresholds", "0,0.5,1", "--checkpoint", str(tiny_bundle["checkpoint"]),
+                    "--spin-wait", "on"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    spin = report["spin_wait"]
+    assert spin["mode"] == "on" and spin["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert spin["omp_policy_set_before_import"] == {"torch": True, "ctranslate2": True}
+    assert spin["offramp_shared_pool_threads"] == 1
+    assert report["peers"]["ort"]["details"]["thread_pool"] == "global, spin-waiting"
+    without = {r["threshold"]: r for r in peers_run[0]["offramp"]}
+    for row in report["offramp"]:
+        assert row["accuracy_by_batch_size"] == without[row["threshold"]]["accuracy_by_batch_size"]
+        assert row["mean_exit_layer"] == without[row["threshold"]]["mean_exit_layer"]
+    for name in ("ort", "torch"):
+        assert report["peers"][name]["accuracy"] == peers_run[0]["peers"][name]["accuracy"]
+
+
 def test_unknown_peer_is_a_bench_error(tiny_bundle, rows40, tmp_path):
     with pytest.raises(BenchError, match=r"tensorrt.*valid: torch, ort, ort-int8, openvino, openvino-int8, ct2-int8"):
         run_peers(tiny_bundle["bundle"], rows40, "torch,tensorrt")
