@@ -38,12 +38,14 @@ def serve(args: argparse.Namespace) -> None:
         print(f"offramp serve: error: {refusal}", file=sys.stderr)
         sys.exit(2)
     limit_malloc_arenas()
+    logs.configure(settings.log_level)
     if settings.shared_thread_pool:
         from app.backends import use_shared_thread_pool
         from app.threads import cpu_quota
 
-        use_shared_thread_pool(settings.intra_op_threads or cpu_quota())
-    logs.configure(settings.log_level)
+        threads = settings.intra_op_threads or cpu_quota()
+        use_shared_thread_pool(threads)
+        logging.getLogger("offramp.serve").info("ONNX Runtime: one shared thread pool of %d threads", threads)
     app = create_app(settings)
 
     class Server(uvicorn.Server):

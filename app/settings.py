@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     provider: Literal["cpu", "cuda", "openvino"] = Field(
         "cpu", description="runtime: ONNX Runtime cpu or cuda (falls back to cpu), or openvino (extra: offramp[openvino])")
     intra_op_threads: int | None = Field(None, ge=1, description="threads per inference; default: the cgroup CPU quota")
-    shared_thread_pool: bool = Field(False, description="one spin-waiting ONNX Runtime pool for every session "
-                                     "(docs/benchmarks.md); off: a sleeping pool per session")
+    shared_thread_pool: bool = Field(True, description="one ONNX Runtime pool, spinning between calls, for every "
+                                     "session (docs/benchmarks.md); false: a pool per session, sleeping between calls")
     worker_nice: int = Field(5, ge=0, le=19, description="compute threads run this much nicer than the HTTP loop (0: off)")
     # batching
     batching: bool = Field(True, description="merge concurrent requests into shared batches")

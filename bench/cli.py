@@ -120,9 +120,9 @@ def add_peers_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", choices=["cpu", "openvino", "cuda"], default=None,
                    help="offramp engine's runtime (default cpu); the peers always run on the CPU")
     p.add_argument("--spin-wait", choices=["off", "on"], default=None,
-                   help="thread pools of every system sleep between calls (off, default) or spin-wait "
-                        "(on: offramp on one shared pool, ONNX Runtime's allow_spinning, "
-                        "OMP_WAIT_POLICY=ACTIVE)")
+                   help="thread pools of every system spin a while between calls (on, default: each "
+                        "runtime's own default, and how offramp serves: one shared ONNX Runtime pool) or "
+                        "sleep at once (off; docs/peers.md)")
 
 
 def register(subparsers) -> None:

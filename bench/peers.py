@@ -10,13 +10,17 @@ CPU's default inference precision), ct2-int8 (CTranslate2 int8 encoder + the tea
 Methodology: the rows are tokenised once with the bundle's tokenizer; batch size B is the rows in
 file order in batches of B, each padded to its own longest row; every system gets the same arrays
 (tokenisation is not timed for anyone). Every system runs with the same intra-op thread count and
-one inter-op thread / stream, and spin-waiting is set the same way for all, off or on:
-  --spin-wait off (default): ONNX Runtime's `session.intra_op.allow_spinning` is "0" (offramp's
-    engine, a pool per session as the server runs by default, and the ort peers), and
+one inter-op thread / stream, and spin-waiting is set the same way for all, on or off:
+  --spin-wait off: ONNX Runtime's `session.intra_op.allow_spinning` is "0" (offramp's
+    engine, a pool per session as the server runs with OFFRAMP_SHARED_THREAD_POOL=false, and the
+    ort peers), and
     OMP_WAIT_POLICY=PASSIVE for torch and ctranslate2;
-  --spin-wait on: offramp's engine and the ort peers on ONNX Runtime's global pool, which always
+  --spin-wait on (the command's default; `run_peers` defaults to off, which needs no process of
+    its own): offramp's engine and the ort peers on ONNX Runtime's global pool, which always
     spin-waits (the server's OFFRAMP_SHARED_THREAD_POOL; once it exists ONNX Runtime refuses
-    per-session pools), and OMP_WAIT_POLICY=ACTIVE.
+    per-session pools), and OMP_WAIT_POLICY unset: libgomp's default (torch, ctranslate2), which
+    spins a while before sleeping, as ONNX Runtime's pools do (ACTIVE would spin for ever, idle
+    threads taking a core from whichever system runs next).
 The OpenMP policy is set when `run_peers` starts, before torch and ctranslate2 load their OpenMP
 runtimes (recorded in "spin_wait"; a runtime loaded earlier keeps the policy it started with, and
 ONNX Runtime's shared pool only exists if no session was made before it: run --spin-wait on in a
@@ -123,7 +127,13 @@ def run_peers(bundle_dir: Path, data: Path, peers: str | Sequence[str] = "all",
               spin_wait: bool = False, log: Callable[[str], None] = _stderr) -> dict:
     """The whole report as a JSON-ready dict (layout in the module docstring)."""
     openmp_loaded = {m: m in sys.modules for m in OPENMP_RUNTIMES}
-    os.environ["OMP_WAIT_POLICY"] = "ACTIVE" if spin_wait else "PASSIVE"  # before OpenMP starts
+    # Before OpenMP starts. On: libgomp's own default, spinning a while before sleeping, as ONNX
+    # Runtime's pools do; not ACTIVE, whose idle threads spin for ever and would take a core from
+    # every system timed after them in this process (measured: 5.0 CPU-s in 5 s idle).
+    if spin_wait:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     names = parse_peers(peers)
     batch_sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
     if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or (limit is not None and limit < 1):
@@ -269,7 +279,7 @@ def spin_settings(spin_wait: bool, openmp_loaded: dict) -> dict:
             "offramp_shared_pool_threads": shared_thread_pool(),
             "ort_peers": ("the same shared pool" if spin_wait
                           else "a pool per session, session.intra_op.allow_spinning=0"),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset: libgomp's default, spin then sleep"),
             "omp_policy_set_before_import": {m: not loaded for m, loaded in openmp_loaded.items()},
             "openvino": "TBB pool: no spin setting"}
 
@@ -376,7 +386,7 @@ def run_peers_command(args: argparse.Namespace, prog: str = "offramp bench") -> 
             batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES, repeats=args.repeats or 3,
             threads=args.threads, thresholds=args.thresholds, provider=args.provider or "cpu",
             limit=args.limit, text_columns=args.text_columns.split(",") if args.text_columns else None,
-            label_column=args.label_column, spin_wait=args.spin_wait == "on")
+            label_column=args.label_column, spin_wait=args.spin_wait != "off")
     except ImportError as exc:
         raise SystemExit(f"{prog}: error: --plot needs matplotlib ({INSTALL_HINT}): {exc}") from exc
     except (BenchError, DataError, ManifestError) as exc:

@@ -88,3 +88,16 @@ def test_bad_input_is_a_4xx_with_the_field(server):
     response = httpx.post(server + "/v1/models/tiny/predict", json={"inputs": ["x"], "threshold": 3})
     assert response.status_code == 422 and response.json()["field"] == "threshold"
     assert httpx.get(server + "/v1/models").json()["models"][0]["name"] == "tiny"
+
+
+@pytest.mark.parametrize("shared", [None, False])
+def test_the_server_runs_every_session_on_one_shared_pool_by_default(tiny_bundle, shared):
+    proc, url = start_server(tiny_bundle["models"], log_level="info", shared_thread_pool=shared)
+    try:
+        assert httpx.post(url + "/v1/models/tiny/predict", json={"inputs": ["a fine film"]},
+                          timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    log = proc.stdout.read()
+    assert ("one shared thread pool of 1 threads" in log) == (shared is None), log[-2000:]

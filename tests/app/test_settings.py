@@ -16,3 +16,8 @@ def test_environment_variables_are_read(monkeypatch):
 
 def test_the_settings_reference_in_the_docs_is_current():
     assert reference_table() in DOCS.read_text()
+
+
+def test_one_shared_thread_pool_is_the_default(monkeypatch):
+    monkeypatch.delenv("OFFRAMP_SHARED_THREAD_POOL", raising=False)
+    assert Settings().shared_thread_pool is True
