@@ -24,7 +24,7 @@ full-depth probabilities, for calibration and benchmarks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,16 +61,34 @@ class ExitSettings:
     # by `take` rather than recomputed after every layer.
     kinds: frozenset
 
+    # The first layer (1-based) after which any row may leave, for the entropy and max_prob
+    # policies (`may_leave`); computed when first asked, since `take` makes new settings.
+    _first_exit: int | None = field(default=None, repr=False, compare=False)
+
     @classmethod
     def of(cls, rows: int, threshold, min_layers, max_layers, policy=ENTROPY, patience=0) -> ExitSettings:
         codes = _rows(policy, rows, np.int64)
+        kinds = frozenset((int(policy),)) if np.ndim(policy) == 0 else frozenset(np.unique(codes).tolist())
         return cls(_rows(threshold, rows, np.float32), _rows(min_layers, rows, np.int64),
-                   _rows(max_layers, rows, np.int64), codes, _rows(patience, rows, np.int64),
-                   frozenset(np.unique(codes).tolist()))
+                   _rows(max_layers, rows, np.int64), codes, _rows(patience, rows, np.int64), kinds)
 
     def take(self, index) -> ExitSettings:
         return ExitSettings(self.threshold[index], self.min_layers[index], self.max_layers[index],
                             self.policy[index], self.patience[index], self.kinds)
+
+    def first_exit(self) -> int:
+        """The first layer at which some row reaches its max_layers, or its min_layers with a
+        threshold above 0 (the only rows an uncertainty, never below 0, can let leave)."""
+        if self._first_exit is None:
+            if self.max_layers.size == 0:  # no rows: none ever leaves
+                self._first_exit = np.iinfo(np.int64).max
+                return self._first_exit
+            earliest = int(self.max_layers.min())
+            hopeful = self.threshold > 0.0
+            if hopeful.any():
+                earliest = min(earliest, int(self.min_layers[hopeful].min()))
+            self._first_exit = earliest
+        return self._first_exit
 
 
 @dataclass
@@ -137,8 +155,7 @@ def may_leave(layer: int, num_layers: int, settings: ExitSettings) -> bool:
         return True
     if not settings.kinds <= {ENTROPY, MAX_PROB}:
         return True
-    return bool(((layer >= settings.max_layers) |
-                 ((layer >= settings.min_layers) & (settings.threshold > 0.0))).any())
+    return layer >= settings.first_exit()
 
 
 def regression_step(layer: int, num_layers: int, scores: np.ndarray, settings: ExitSettings, state: ExitState,

@@ -22,6 +22,8 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     if num_classes < 2:
         return np.zeros(p.shape[:-1], dtype=np.float32)
     # 0 * log 0 is 0; clip only inside the log so exact zeros contribute nothing.
-    entropy = -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1)
-    return np.clip(entropy / np.log(num_classes), 0.0, 1.0).astype(np.float32)
+    # (np.maximum / np.minimum: the same values as np.clip, without its wrapper's cost, which
+    # at one row a layer was a tenth of this function's time.)
+    entropy = -(p * np.log(np.maximum(p, 1e-30))).sum(axis=-1)
+    return np.minimum(np.maximum(entropy / np.log(num_classes), 0.0), 1.0).astype(np.float32)
 
