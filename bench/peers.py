@@ -11,10 +11,9 @@ Methodology: the rows are tokenised once with the bundle's tokenizer; batch size
 file order in batches of B, each padded to its own longest row; every system gets the same arrays
 (tokenisation is not timed for anyone). Every system runs with the same intra-op thread count and
 one inter-op thread / stream, and spin-waiting is set the same way for all, on or off:
-  --spin-wait off: ONNX Runtime's `session.intra_op.allow_spinning` is "0" (offramp's
-    engine, a pool per session as the server runs with OFFRAMP_SHARED_THREAD_POOL=false, and the
-    ort peers), and
-    OMP_WAIT_POLICY=PASSIVE for torch and ctranslate2;
+  --spin-wait off: ONNX Runtime's `session.intra_op.allow_spinning` is "0" (offramp's engine,
+    a pool per session as the server runs with OFFRAMP_SHARED_THREAD_POOL=false, and the ort
+    peers), and OMP_WAIT_POLICY=PASSIVE for torch and ctranslate2;
   --spin-wait on (the command's default; `run_peers` defaults to off, which needs no process of
     its own): offramp's engine and the ort peers on ONNX Runtime's global pool, which always
     spin-waits (the server's OFFRAMP_SHARED_THREAD_POOL; once it exists ONNX Runtime refuses
@@ -273,7 +272,9 @@ def _report(bundle_dir, data, labels, threads, batch_sizes, repeats, provider, m
 
 
 def spin_settings(spin_wait: bool, openmp_loaded: dict) -> dict:
-    engine = ("one shared ONNX Runtime pool, spin-waiting" if spin_wait
+    # What the engine really ran on: a process may have made the shared pool before (then its
+    # sessions are all on it, whatever --spin-wait says).
+    engine = ("one shared ONNX Runtime pool, spin-waiting" if shared_thread_pool() is not None
               else "a pool per session, session.intra_op.allow_spinning=0")
     return {"mode": "on" if spin_wait else "off", "offramp": engine,
             "offramp_shared_pool_threads": shared_thread_pool(),
