@@ -80,14 +80,8 @@ class ExitSettings:
         """The first layer at which some row reaches its max_layers, or its min_layers with a
         threshold above 0 (the only rows an uncertainty, never below 0, can let leave)."""
         if self._first_exit is None:
-            if self.max_layers.size == 0:  # no rows: none ever leaves
-                self._first_exit = np.iinfo(np.int64).max
-                return self._first_exit
-            earliest = int(self.max_layers.min())
-            hopeful = self.threshold > 0.0
-            if hopeful.any():
-                earliest = min(earliest, int(self.min_layers[hopeful].min()))
-            self._first_exit = earliest
+            layers = np.concatenate([self.max_layers, self.min_layers[self.threshold > 0.0]])
+            self._first_exit = int(layers.min()) if layers.size else np.iinfo(np.int64).max  # no rows
         return self._first_exit
 
 

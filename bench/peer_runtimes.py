@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from app.backends import shared_thread_pool
 from app.encoding import EncodedBatch, TextEncoder
 from app.manifest import Manifest
 from bench.report import BenchError, pytorch_classifier, resolve_checkpoint
@@ -49,7 +50,6 @@ class PeerSource:
     threads: int
     work: Path
     calibration: Callable[[], tuple[list[EncodedBatch], dict]]
-    spin_wait: bool = False  # bench.peers --spin-wait: ort peers on ONNX Runtime's global pool
     _graphs: dict = field(default_factory=dict)
 
     def onnx(self) -> Path:
@@ -65,7 +65,7 @@ class PeerSource:
 
             config = _config(self.checkpoint)
             # opt_level 0: the fusions alone, no ONNX Runtime session (which would make its own
-            # thread pool, refused once --spin-wait on has made the global one); the peer's session
+            # thread pool, refused once the process has the global one); the peer's session
             # applies ONNX Runtime's graph optimisations when it loads, as at any level.
             optimized = optimize_model(str(self.onnx()), model_type="bert",
                                        num_heads=config["num_attention_heads"],
@@ -164,12 +164,18 @@ def build_torch(src: PeerSource) -> Peer:
         "threads": torch.get_num_threads(), "precision": "fp32"})
 
 
-def _ort_peer(name: str, path: Path, threads: int, spin_wait: bool, details: dict) -> Peer:
+def ort_peer_pool() -> str:
+    """The pool the ort peers run on: the engine's, as ONNX Runtime allows no other once the
+    process has its global pool (bench.peers --spin-wait on)."""
+    return "per session, no spinning" if shared_thread_pool() is None else "global, spin-waiting"
+
+
+def _ort_peer(name: str, path: Path, threads: int, details: dict) -> Peer:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if spin_wait:  # ONNX Runtime's global pool (offramp's engine is on it): it always spins
+    if shared_thread_pool() is not None:  # ONNX Runtime's global pool: it always spins
         options.use_per_session_threads = False
     else:  # as offramp's engine: its own pool, sleeping between calls
         options.intra_op_num_threads = threads
@@ -183,13 +189,12 @@ def _ort_peer(name: str, path: Path, threads: int, spin_wait: bool, details: dic
 
     return Peer(name, predict, {"onnxruntime": ort.__version__, "opset": OPSET,
                                 "graph_bytes": path.stat().st_size, "threads": threads,
-                                "thread_pool": "global, spin-waiting" if spin_wait else "per session, no spinning",
-                                **details})
+                                "thread_pool": ort_peer_pool(), **details})
 
 
 def build_ort(src: PeerSource) -> Peer:
     path, stats = src.fused()
-    return _ort_peer("ort", path, src.threads, src.spin_wait, {"precision": "fp32", "fused_operators": stats})
+    return _ort_peer("ort", path, src.threads, {"precision": "fp32", "fused_operators": stats})
 
 
 def build_ort_int8(src: PeerSource) -> Peer:
@@ -201,7 +206,7 @@ def build_ort_int8(src: PeerSource) -> Peer:
     # ONNX shape inference does not know the fused contrib ops: their outputs are fp32.
     quantize_dynamic(str(fused), str(path), weight_type=QuantType.QInt8,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return _ort_peer("ort-int8", path, src.threads, src.spin_wait, {
+    return _ort_peer("ort-int8", path, src.threads, {
         "precision": "int8 weights (quantize_dynamic, QInt8), activations quantised per batch",
         "fused_operators": stats})
 

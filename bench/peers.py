@@ -64,7 +64,7 @@ from app.engine import Engine
 from app.manifest import Manifest, read_manifest
 from app.threads import cpu_quota
 from bench.peer_runtimes import (
-    INSTALL_HINT, PEERS, RANDOM_HEAD, PeerSkipped, PeerSource, build_peer, peer_weights)
+    INSTALL_HINT, PEERS, RANDOM_HEAD, PeerSkipped, PeerSource, build_peer, ort_peer_pool, peer_weights)
 from bench.report import BenchError, load_data, machine_info, write_json
 from training.data import read_examples
 
@@ -177,7 +177,7 @@ def run_peers(bundle_dir: Path, data: Path, peers: str | Sequence[str] = "all",
                 log(f"warning: peers run the bundle's architecture with a random classifier head ({why}): "
                     f"their speed is meaningful, their accuracy is not")
             source = PeerSource(weights_dir, manifest, encoder, bundle_dir / manifest.tokenizer, threads,
-                                Path(work), lambda: calibration_data, spin_wait=spin_wait)
+                                Path(work), lambda: calibration_data)
             for name in names:
                 log(f"building peer {name}")
                 try:
@@ -278,8 +278,7 @@ def spin_settings(spin_wait: bool, openmp_loaded: dict) -> dict:
               else "a pool per session, session.intra_op.allow_spinning=0")
     return {"mode": "on" if spin_wait else "off", "offramp": engine,
             "offramp_shared_pool_threads": shared_thread_pool(),
-            "ort_peers": ("the same shared pool" if spin_wait
-                          else "a pool per session, session.intra_op.allow_spinning=0"),
+            "ort_peers": ort_peer_pool(),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset: libgomp's default, spin then sleep"),
             "omp_policy_set_before_import": {m: not loaded for m, loaded in openmp_loaded.items()},
             "openvino": "TBB pool: no spin setting"}
